@@ -1,0 +1,135 @@
+"""Find the PEFT component inside a (possibly wrapped) model.
+
+Community Higgs Audio scripts put the ``PeftModel`` at ``wrapper.model`` or
+``wrapper.model.text_model``; DDP, DeepSpeed and ``torch.compile`` add their own layers.
+We unwrap the outside with accelerate and then search the module tree, so no attribute
+chain is hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
+
+from .errors import AmbiguousLoraModelError, LoraModelNotFoundError
+
+# Module-name segments added by wrappers, never by the user's own model; they also appear in
+# state-dict keys of the wrapped model, so both sides are compared without them.
+_WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    """Drop wrapper-only segments (``torch.compile``, FSDP1, activation checkpointing) from a dotted name.
+
+    Example:
+        >>> canonical_name("model._orig_mod.base_model.model.lm_head.weight")
+        'model.base_model.model.lm_head.weight'
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+@dataclass(frozen=True)
+class LoraComponent:
+    """A ``PeftModel`` found inside a model, and where.
+
+    ``path`` is the dotted module path from the unwrapped model (``""`` when the model itself is
+    the ``PeftModel``), without wrapper-only segments; it is also the prefix of the component's
+    keys in the unwrapped model's state dict.
+
+    Example:
+        >>> component = find_lora_model(wrapper)  # doctest: +SKIP
+        >>> component.path, type(component.model).__name__  # doctest: +SKIP
+        ('model', 'PeftModelForCausalLM')
+    """
+
+    path: str
+    model: PeftModel
+
+    @property
+    def display_path(self) -> str:
+        """The path as shown in messages: ``<model>`` for the top level."""
+        return self.path or "<model>"
+
+    def slice_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep the entries of a whole-model state dict that belong to this component, keys made relative to it.
+
+        Example:
+            >>> component.slice_state_dict(wrapper.state_dict())  # doctest: +SKIP
+            {'base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight': tensor(...), ...}
+        """
+        if not self.path:
+            return {canonical_name(key): value for key, value in state_dict.items()}
+        prefix = self.path + "."
+        sliced = {}
+        for key, value in state_dict.items():
+            key = canonical_name(key)
+            if key.startswith(prefix):
+                sliced[key[len(prefix) :]] = value
+        return sliced
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove DDP / DataParallel / DeepSpeed / ``torch.compile`` layers around a model (accelerate's unwrapping).
+
+    Example:
+        >>> unwrap_model(torch.nn.parallel.DistributedDataParallel(wrapper))  # doctest: +SKIP
+    """
+    return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+
+
+def _peft_models(model: torch.nn.Module) -> list[LoraComponent]:
+    """Every outermost ``PeftModel`` in the module tree (a module shared at two paths counts once)."""
+    found: list[LoraComponent] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PeftModel):
+            continue
+        path = canonical_name(name)
+        if any(path == f.path or path.startswith(f.path + ".") or not f.path for f in found):
+            continue  # nested inside a PeftModel already found
+        found.append(LoraComponent(path, module))
+    return found
+
+
+def find_lora_model(model: torch.nn.Module, path: str | None = None) -> LoraComponent:
+    """Find the ``peft.PeftModel`` inside ``model`` and report where it is.
+
+    ``model`` may be a ``PeftModel``, a plain ``nn.Module`` wrapper holding one at any depth, or
+    either behind DDP, DataParallel, DeepSpeed or ``torch.compile``. Pass ``path`` (e.g.
+    ``"model.text_model"``) to choose when the model holds more than one.
+
+    Raises:
+        LoraModelNotFoundError: there is no ``PeftModel``, or none at ``path``.
+        AmbiguousLoraModelError: there are several and ``path`` was not given.
+
+    Example:
+        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(target_modules=["q_proj"]))  # doctest: +SKIP
+        >>> find_lora_model(wrapper).path  # doctest: +SKIP
+        'model'
+    """
+    model = unwrap_model(model)
+    found = _peft_models(model)
+    if path is not None:
+        wanted = canonical_name(path)
+        for component in found:
+            if component.path == wanted:
+                return component
+        where = ", ".join(repr(c.display_path) for c in found) or "none"
+        raise LoraModelNotFoundError(
+            f"No PeftModel at {path!r} in {type(model).__name__}; PeftModel components found: {where}. "
+            "Pass one of those paths (or None to search)."
+        )
+    if not found:
+        raise LoraModelNotFoundError(
+            f"No peft.PeftModel found anywhere inside {type(model).__name__} (searched every submodule). "
+            "Apply LoRA before creating the trainer, e.g. `wrapper.model = peft.get_peft_model(wrapper.model, lora_config)`."
+        )
+    if len(found) > 1:
+        where = ", ".join(repr(c.display_path) for c in found)
+        raise AmbiguousLoraModelError(
+            f"Found {len(found)} distinct PeftModel components in {type(model).__name__}: {where}. "
+            "Name the one to save with lora_model_path=... (trainer argument) or path=..."
+        )
+    return found[0]

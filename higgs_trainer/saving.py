@@ -1,0 +1,210 @@
+"""Write a PEFT component's adapter atomically and verify it.
+
+The adapter is written by the component's own ``save_pretrained`` (peft strips the wrapper
+prefix and the ``.default`` adapter name and handles shared tensors) into a temporary
+directory beside the target, verified against the shapes the live model says it must have,
+and only then renamed into place. A failed or interrupted save leaves the previous adapter
+directory as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+
+from .discovery import LoraComponent
+from .errors import AdapterSaveError, AdapterVerificationError
+from .verification import human_size, verify_adapter
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIRNAME = "lora_adapters"
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """What one adapter save wrote.
+
+    Example:
+        >>> saved = save_lora_adapters(trainer, "out")  # doctest: +SKIP
+        >>> saved.path, saved.num_tensors  # doctest: +SKIP
+        ('out/lora_adapters', 8)
+    """
+
+    path: str
+    component_path: str
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+
+
+def expected_adapter_shapes(
+    peft_model: PeftModel, adapter_name: str = "default", save_embedding_layers: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """The keys and full shapes an adapter file of ``peft_model`` must hold, read from the live model.
+
+    Uses DeepSpeed's ``ds_shape`` where parameters are partitioned, so the answer is the full
+    shape even when the local tensor is empty.
+
+    Example:
+        >>> expected_adapter_shapes(peft_model)  # doctest: +SKIP
+        {'base_model.model.layers.0.self_attn.q_proj.lora_A.weight': (4, 64), ...}
+    """
+    live = peft_model.state_dict(keep_vars=True)
+    adapter_state = get_peft_model_state_dict(
+        peft_model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
+    )
+    return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
+
+
+def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give every key its own storage, so ``safetensors.torch.save_file`` accepts tied weights.
+
+    ``Trainer._save`` writes a plain ``nn.Module`` wrapper with ``save_file``, which refuses
+    tensors that share memory (tied embeddings; transformers issue 33807). Only the second and
+    later aliases are copied.
+
+    Example:
+        >>> w = torch.ones(2)
+        >>> d = clone_shared_tensors({"a": w, "b": w})
+        >>> d["a"].data_ptr() != d["b"].data_ptr()
+        True
+    """
+    seen: set[tuple[int, int]] = set()
+    result = {}
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+            if ident in seen:
+                value = value.clone()
+            seen.add(ident)
+        result[key] = value
+    return result
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(source, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _remove_residue(target: Path) -> None:
+    """Delete temporary directories left beside ``target`` by earlier interrupted saves."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_lora_adapters(
+    component: LoraComponent,
+    output_dir: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: bool = False,
+    dirname: str = ADAPTER_DIRNAME,
+) -> SavedAdapter:
+    """Save ``component``'s adapter(s) into ``output_dir/lora_adapters`` atomically, then verify.
+
+    ``state_dict`` is the whole (unwrapped) model's state dict when the caller has one (the
+    gathered dict DeepSpeed or FSDP hand to ``Trainer._save``); the component's part is sliced
+    out by its path. Without it the live parameters are saved. Call on one process only.
+
+    Raises:
+        AdapterSaveError: writing failed (previous adapter left intact).
+        AdapterVerificationError: what was written does not match the model (nothing replaced).
+
+    Example:
+        >>> write_lora_adapters(find_lora_model(wrapper), "out/checkpoint-2")  # doctest: +SKIP
+        SavedAdapter(path='out/checkpoint-2/lora_adapters', component_path='model', num_tensors=8, ...)
+    """
+    start = time.perf_counter()
+    peft_model = component.model
+    target = Path(output_dir) / dirname
+    component_state = None
+    if state_dict is not None:
+        component_state = component.slice_state_dict(state_dict)
+        if not component_state:
+            raise AdapterSaveError(
+                f"the state dict passed for saving holds no tensors under {component.display_path!r} "
+                f"({len(state_dict)} keys in all); refusing to write an empty adapter to {target}. "
+                "Under DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true."
+            )
+    expected = {
+        name: expected_adapter_shapes(peft_model, name, save_embedding_layers) for name in peft_model.peft_config
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=target.parent))
+    try:
+        extra = {} if component_state is None else {"state_dict": component_state}
+        try:
+            peft_model.save_pretrained(
+                str(staging), save_embedding_layers=save_embedding_layers, is_main_process=True, **extra
+            )
+            _fsync_tree(staging)
+        except Exception as exc:
+            raise AdapterSaveError(
+                f"writing the LoRA adapter of {component.display_path!r} to {target} failed: {exc} "
+                "(the previous adapter, if any, is intact)"
+            ) from exc
+        summaries = [
+            verify_adapter(staging if name == "default" else staging / name, shapes)
+            for name, shapes in expected.items()
+        ]
+        try:
+            _replace_dir(staging, target)
+        except OSError as exc:
+            raise AdapterSaveError(f"moving the verified adapter into {target} failed: {exc}") from exc
+    except AdapterVerificationError as exc:
+        raise AdapterVerificationError(f"{exc} (nothing written to {target}; the previous adapter is intact)") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _remove_residue(target)
+    saved = SavedAdapter(
+        path=str(target),
+        component_path=component.display_path,
+        num_tensors=sum(s.num_tensors for s in summaries),
+        num_bytes=sum(f.stat().st_size for f in target.rglob("*") if f.is_file()),
+        seconds=time.perf_counter() - start,
+    )
+    logger.info(
+        "Saved LoRA adapter to %s (component %s, %d tensors, %s, %.2f s)",
+        saved.path,
+        saved.component_path,
+        saved.num_tensors,
+        human_size(saved.num_bytes),
+        saved.seconds,
+    )
+    return saved

@@ -1,0 +1,131 @@
+"""The trainer: ``transformers.Trainer`` that also writes a verified LoRA adapter with every save.
+
+``Trainer`` saves a plain ``nn.Module`` wrapper as one state dict and never writes an adapter.
+The mixin keeps that full checkpoint exactly as ``Trainer`` writes it and adds
+``<checkpoint>/lora_adapters`` (``adapter_config.json`` + ``adapter_model.safetensors``), in every
+``checkpoint-N`` and in the final ``save_model()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, Trainer
+
+from ._compat import rng_state_safe_globals
+from .discovery import LoraComponent, find_lora_model
+from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
+
+logger = logging.getLogger(__name__)
+
+
+def _component_of(trainer: Trainer, path: str | None = None) -> LoraComponent:
+    """The PEFT component of ``trainer.model``, unwrapped through the trainer's accelerator."""
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    return find_lora_model(model, path=path)
+
+
+class LoraAdapterSavingMixin:
+    """Adds verified ``lora_adapters`` to every save of a ``transformers.Trainer`` subclass.
+
+    Put it first in the bases: ``class MyTrainer(LoraAdapterSavingMixin, SomeTrainer)``. Every
+    constructor argument is passed through to the trainer; two are added:
+
+    * ``lora_model_path``: dotted path of the ``PeftModel`` to save (e.g. ``"model.text_model"``),
+      needed only when the model holds more than one.
+    * ``save_embedding_layers``: passed to peft's ``save_pretrained`` (default ``False``; never
+      ``"auto"``, which may query the Hub).
+
+    The PEFT component is looked up when the trainer is created, so a model without one fails
+    before training starts.
+
+    Example:
+        >>> class HiggsAudioTrainer(LoraAdapterSavingMixin, Trainer):  # doctest: +SKIP
+        ...     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        ...         ...
+        >>> HiggsAudioTrainer(model=wrapper, args=args, train_dataset=ds).train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, *args: Any, lora_model_path: str | None = None, save_embedding_layers: bool = False, **kwargs: Any
+    ) -> None:
+        self.lora_model_path = lora_model_path
+        self.save_embedding_layers = save_embedding_layers
+        self.last_saved_adapter: SavedAdapter | None = None
+        super().__init__(*args, **kwargs)
+        if self.model is not None:  # with model_init the model exists only once train() starts
+            component = self.lora_component()
+            logger.info("LoRA adapters will be saved from the PeftModel at %s", component.display_path)
+
+    def lora_component(self) -> LoraComponent:
+        """The PEFT component that is saved, found in the unwrapped model.
+
+        Example:
+            >>> trainer.lora_component().path  # doctest: +SKIP
+            'model'
+        """
+        return _component_of(self, self.lora_model_path)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and not isinstance(self.model, (PreTrainedModel, PeftModel)):
+            # One state dict serves the full checkpoint and the adapter; tied tensors get their own storage.
+            state_dict = clone_shared_tensors(self.model.state_dict() if state_dict is None else state_dict)
+        super()._save(output_dir, state_dict=state_dict)
+        # transformers 5.x calls _save on every rank, 4.46 only on the writer: only the writer writes.
+        if self.args.should_save:
+            self.last_saved_adapter = write_lora_adapters(
+                self.lora_component(),
+                output_dir,
+                state_dict=state_dict,
+                save_embedding_layers=self.save_embedding_layers,
+            )
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        with rng_state_safe_globals():
+            super()._load_rng_state(checkpoint)
+
+
+class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):
+    """``transformers.Trainer`` that writes a verified LoRA adapter into every checkpoint and the final save.
+
+    A drop-in replacement: same constructor, plus the two optional arguments of
+    :class:`LoraAdapterSavingMixin`.
+
+    Example:
+        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+        >>> trainer = HiggsLoraTrainer(model=wrapper, args=TrainingArguments("out", save_steps=500), train_dataset=ds)  # doctest: +SKIP
+        >>> trainer.train()  # out/checkpoint-500/lora_adapters, ... # doctest: +SKIP
+        >>> trainer.save_model()  # out/lora_adapters  # doctest: +SKIP
+    """
+
+
+def save_lora_adapters(
+    trainer: Trainer, output_dir: str | os.PathLike | None = None, use_lora: bool = True
+) -> SavedAdapter | None:
+    """Save the LoRA adapter of ``trainer.model`` into ``output_dir/lora_adapters``, for scripts that keep their own Trainer.
+
+    Call it on every process, after ``trainer.save_model()``; only the process that should save
+    writes (others return ``None``). Returns what was written, or ``None`` when ``use_lora`` is
+    false. Raises if no PEFT component is found or the save fails.
+
+    Example:
+        >>> trainer.save_model()  # doctest: +SKIP
+        >>> save_lora_adapters(trainer, training_args.output_dir, use_lora=args.use_lora)  # doctest: +SKIP
+        SavedAdapter(path='out/lora_adapters', component_path='model', num_tensors=8, ...)
+    """
+    if not use_lora:
+        logger.info("use_lora is false: no LoRA adapter saved")
+        return None
+    component = _component_of(trainer, getattr(trainer, "lora_model_path", None))
+    if not trainer.args.should_save:
+        return None
+    return write_lora_adapters(
+        component,
+        output_dir if output_dir is not None else trainer.args.output_dir,
+        save_embedding_layers=getattr(trainer, "save_embedding_layers", False),
+    )

@@ -1,0 +1,21 @@
+import logging
+
+import pytest
+
+from tests.models import HIGGS_STACK
+
+
+def pytest_report_header(config):
+    import peft
+    import torch
+    import transformers
+
+    stack = "higgs (HiggsAudioModel)" if HIGGS_STACK else "newest (LlamaForCausalLM)"
+    return (
+        f"stack: {stack}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog):
+    caplog.set_level(logging.INFO, logger="higgs_trainer")

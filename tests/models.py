@@ -1,0 +1,139 @@
+"""Tiny real models for the tests: random weights built from configs, nothing downloaded.
+
+On the Higgs stack (transformers < 4.47 with boson_multimodal installed) the base model is
+the real ``HiggsAudioModel``; on the newest stack, where boson_multimodal does not import, a
+tiny ``LlamaForCausalLM`` with tied embeddings. The wrappers mirror the community scripts'
+``HiggsAudioModelWrapper``: a plain ``nn.Module`` whose ``.model`` (or ``.model.text_model``)
+becomes the ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import transformers
+from packaging.version import Version
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+HIGGS_STACK = Version(transformers.__version__) < Version("4.47") and bool(importlib.util.find_spec("boson_multimodal"))
+VOCAB = 256
+SEQ_LEN = 16  # a multiple of 8, so HiggsAudioModel adds no padding
+TARGET_MODULES = ["q_proj", "v_proj"]
+
+
+def tiny_base_model(seed: int = 0) -> nn.Module:
+    """The bare base model, identical for the same seed."""
+    torch.manual_seed(seed)
+    if HIGGS_STACK:
+        from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+
+        config = HiggsAudioConfig(
+            text_config=dict(
+                model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+            ),
+            audio_adapter_type="dual_ffn", audio_dual_ffn_layers=[0, 1], audio_ffn_hidden_size=64,
+            audio_ffn_intermediate_size=128, skip_audio_tower=True, audio_num_codebooks=4, audio_codebook_size=32,
+            audio_stream_bos_id=32, audio_stream_eos_id=33, audio_in_token_idx=250, audio_out_token_idx=251,
+            audio_out_bos_token_id=252, audio_eos_token_id=253, pad_token_id=0,
+        )  # fmt: skip
+        return HiggsAudioModel(config)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def lora_config(r: int = 4) -> LoraConfig:
+    # HiggsAudioModel.forward takes no `labels`, which PeftModelForCausalLM always passes: no task type there.
+    task_type = None if HIGGS_STACK else "CAUSAL_LM"
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type=task_type)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, : labels.shape[1]]
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+class TextModelHolder(nn.Module):
+    """A model with a ``text_model`` attribute, for the ``wrapper.model.text_model`` layout."""
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, **kwargs):
+        return self.text_model(**kwargs)
+
+
+class Wrapper(nn.Module):
+    """Like the community ``HiggsAudioModelWrapper``: a plain ``nn.Module`` around the model, computing the loss."""
+
+    def __init__(self, model: nn.Module, compute_loss: bool = True):
+        super().__init__()
+        self.model = model
+        self.compute_loss = compute_loss
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if labels is None or not self.compute_loss:
+            return {"logits": out.logits}
+        return {"loss": causal_lm_loss(out.logits, labels), "logits": out.logits}
+
+
+def make_model(layout: str = "model", seed: int = 0, r: int = 4, compute_loss: bool = True) -> nn.Module:
+    """A model with LoRA applied where ``layout`` says: ``model``, ``text_model`` or ``top`` (a bare PeftModel)."""
+    base = tiny_base_model(seed)
+    if layout == "top":
+        return get_peft_model(base, lora_config(r))
+    if layout == "model":
+        return Wrapper(get_peft_model(base, lora_config(r)), compute_loss)
+    if layout == "text_model":
+        holder = TextModelHolder(base)
+        holder.text_model = get_peft_model(holder.text_model, lora_config(r))
+        return Wrapper(holder, compute_loss)
+    raise ValueError(layout)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Fixed random token sequences; labels are the inputs."""
+
+    def __init__(self, n: int = 16, seed: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, VOCAB - 8, (n, SEQ_LEN), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def probe_batch(n: int = 2) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1, VOCAB - 8, (n, SEQ_LEN), generator=torch.Generator().manual_seed(99))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    out = model(**batch)
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    return logits[:, :SEQ_LEN].float()
+
+
+def training_args(output_dir, **overrides) -> transformers.TrainingArguments:
+    """Small, deterministic CPU training arguments."""
+    values = dict(
+        output_dir=str(output_dir), max_steps=4, save_steps=2, save_strategy="steps", per_device_train_batch_size=2,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True, seed=7,
+        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+    )  # fmt: skip
+    values.update(overrides)
+    return transformers.TrainingArguments(**values)
