@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Usage: scripts/env.sh higgs|newest  -> prints the path of a ready virtual environment for that stack.
+# Creates it on first use (from requirements/<stack>.txt, torch pinned to the local CPU build),
+# reuses it while the requirements are unchanged, and installs this checkout into it (editable).
+set -euo pipefail
+stack=${1:?usage: scripts/env.sh higgs|newest}
+root=$(cd "$(dirname "$0")/.." && pwd)
+req="$root/requirements/$stack.txt"
+[ -f "$req" ] || { echo "scripts/env.sh: no $req (stacks: higgs, newest)" >&2; exit 2; }
+key=$(cat "$req" "$root/scripts/env.sh" | sha256sum | cut -c1-12)
+venv="${HIGGS_TRAINER_VENVS:-$HOME/.cache/higgs_trainer/venvs}/$stack-$key"
+if [ ! -f "$venv/.complete" ]; then
+    echo "scripts/env.sh: creating $venv (first run takes a few minutes)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+    if [ "$stack" = higgs ]; then
+        # The model code needs only torch and transformers; the package's declared dependencies are heavy and unneeded.
+        "$venv/bin/pip" install -q --disable-pip-version-check --no-deps boson-multimodal==0.1.1 >&2
+    fi
+    touch "$venv/.complete"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$root" >&2
+echo "$venv"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every check on both stacks: ruff, then the whole pytest suite on the Higgs stack and on the newest stack.
+# Sets up the environments it needs (scripts/env.sh). Exits non-zero if anything fails.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+status=0
+higgs=$(scripts/env.sh higgs) || exit 1
+newest=$(scripts/env.sh newest) || exit 1
+echo "== ruff"
+"$higgs/bin/ruff" check . && "$higgs/bin/ruff" format --check . || status=1
+for venv in "$higgs" "$newest"; do
+    echo "== pytest on $(basename "$venv")"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
+done
+if [ $status -eq 0 ]; then echo "ALL CHECKS PASSED"; else echo "SOME CHECKS FAILED" >&2; fi
+exit $status
