@@ -1,20 +1,16 @@
 """Write a PEFT component's adapter atomically and verify it.
 
 The adapter is written by the component's own ``save_pretrained`` (peft strips the wrapper
-prefix and the ``.default`` adapter name and handles shared tensors) into a temporary
-directory beside the target, verified against the shapes the live model says it must have,
-and only then renamed into place. A failed or interrupted save leaves the previous adapter
-directory as it was.
+prefix and the ``.default`` adapter name and handles shared tensors) into a staging
+directory beside the target (``atomic.staged_directory``), verified against the shapes the
+live model says it must have, and only then renamed into place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
+from .atomic import staged_directory
 from .discovery import LoraComponent
 from .errors import AdapterSaveError, AdapterVerificationError
 from .verification import human_size, verify_adapter
@@ -92,41 +89,6 @@ def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return result
 
 
-def _fsync_tree(directory: Path) -> None:
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``; an existing ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    os.rename(source, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _remove_residue(target: Path) -> None:
-    """Delete temporary directories left beside ``target`` by earlier interrupted saves."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def write_lora_adapters(
     component: LoraComponent,
     output_dir: str | os.PathLike,
@@ -164,34 +126,26 @@ def write_lora_adapters(
     expected = {
         name: expected_adapter_shapes(peft_model, name, save_embedding_layers) for name in peft_model.peft_config
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=target.parent))
     try:
-        extra = {} if component_state is None else {"state_dict": component_state}
-        try:
-            peft_model.save_pretrained(
-                str(staging), save_embedding_layers=save_embedding_layers, is_main_process=True, **extra
-            )
-            _fsync_tree(staging)
-        except Exception as exc:
-            raise AdapterSaveError(
-                f"writing the LoRA adapter of {component.display_path!r} to {target} failed: {exc} "
-                "(the previous adapter, if any, is intact)"
-            ) from exc
-        summaries = [
-            verify_adapter(staging if name == "default" else staging / name, shapes)
-            for name, shapes in expected.items()
-        ]
-        try:
-            _replace_dir(staging, target)
-        except OSError as exc:
-            raise AdapterSaveError(f"moving the verified adapter into {target} failed: {exc}") from exc
+        with staged_directory(target) as staging:
+            extra = {} if component_state is None else {"state_dict": component_state}
+            try:
+                peft_model.save_pretrained(
+                    str(staging), save_embedding_layers=save_embedding_layers, is_main_process=True, **extra
+                )
+            except Exception as exc:
+                raise AdapterSaveError(
+                    f"writing the LoRA adapter of {component.display_path!r} to {target} failed: {exc} "
+                    "(the previous adapter, if any, is intact)"
+                ) from exc
+            summaries = [
+                verify_adapter(staging if name == "default" else staging / name, shapes)
+                for name, shapes in expected.items()
+            ]
     except AdapterVerificationError as exc:
         raise AdapterVerificationError(f"{exc} (nothing written to {target}; the previous adapter is intact)") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    _remove_residue(target)
+    except OSError as exc:
+        raise AdapterSaveError(f"moving the verified adapter into {target} failed: {exc}") from exc
     saved = SavedAdapter(
         path=str(target),
         component_path=component.display_path,
