@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, Trainer
 
 from ._compat import rng_state_safe_globals
 from .discovery import LoraComponent, find_lora_model
+from .gathering import gather_adapter_state_dict, is_sharded
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,32 @@ class LoraAdapterSavingMixin:
         """
         return _component_of(self, self.lora_model_path)
 
+    def _adapter_is_gathered(self) -> bool:
+        """True when ``_save`` gets no usable weights and the adapter is gathered in ``save_model`` instead.
+
+        Decided from the configuration alone, so every rank takes the same branch: DeepSpeed
+        ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` hands ``_save`` ``{}``;
+        FSDP without ``FULL_STATE_DICT`` never calls ``_save``.
+        """
+        if self.is_deepspeed_enabled:
+            zero = self.accelerator.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            return zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False)
+        if self.is_fsdp_enabled:
+            return "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        return False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self._adapter_is_gathered():
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            component = self.lora_component()
+            # Collective: every rank gathers, only the writer writes.
+            state_dict = gather_adapter_state_dict(component, self.args.should_save, fsdp_root=self.model_wrapped)
+            if self.args.should_save:
+                self.last_saved_adapter = write_lora_adapters(
+                    component, output_dir, state_dict=state_dict, save_embedding_layers=self.save_embedding_layers
+                )
+
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and not isinstance(self.model, (PreTrainedModel, PeftModel)):
@@ -77,7 +104,7 @@ class LoraAdapterSavingMixin:
             state_dict = clone_shared_tensors(self.model.state_dict() if state_dict is None else state_dict)
         super()._save(output_dir, state_dict=state_dict)
         # transformers 5.x calls _save on every rank, 4.46 only on the writer: only the writer writes.
-        if self.args.should_save:
+        if self.args.should_save and not self._adapter_is_gathered():
             self.last_saved_adapter = write_lora_adapters(
                 self.lora_component(),
                 output_dir,
@@ -122,10 +149,15 @@ def save_lora_adapters(
         logger.info("use_lora is false: no LoRA adapter saved")
         return None
     component = _component_of(trainer, getattr(trainer, "lora_model_path", None))
+    state_dict = None
+    if is_sharded(trainer.model_wrapped) or is_sharded(component.model):
+        # Collective: every rank gathers the adapter's parameters, only the writer writes.
+        state_dict = gather_adapter_state_dict(component, trainer.args.should_save, fsdp_root=trainer.model_wrapped)
     if not trainer.args.should_save:
         return None
     return write_lora_adapters(
         component,
         output_dir if output_dir is not None else trainer.args.output_dir,
+        state_dict=state_dict,
         save_embedding_layers=getattr(trainer, "save_embedding_layers", False),
     )

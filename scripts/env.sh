@@ -13,7 +13,8 @@ if [ ! -f "$venv/.complete" ]; then
     echo "scripts/env.sh: creating $venv (first run takes a few minutes)" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+    # DS_BUILD_OPS=0: DeepSpeed builds its few CPU ops on first use instead of at install time.
+    DS_BUILD_OPS=0 "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
     if [ "$stack" = higgs ]; then
         # The model code needs only torch and transformers; the package's declared dependencies are heavy and unneeded.
         "$venv/bin/pip" install -q --disable-pip-version-check --no-deps boson-multimodal==0.1.1 >&2

@@ -1,0 +1,94 @@
+"""Gather only a PEFT component's adapter parameters from a sharded model.
+
+Under DeepSpeed ZeRO-3 (without ``stage3_gather_16bit_weights_on_model_save``) and FSDP with
+a sharded state dict, ``Trainer`` hands ``_save`` no usable weights, and the live parameters
+are partitioned: saving them writes empty tensors (peft issue 2892) or crashes. Here only the
+adapter's parameters (a few MB) are gathered, never the frozen base model.
+
+Every process must call :func:`gather_adapter_state_dict` (it runs collectives); only the
+writer gets the tensors back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from peft import PeftModel
+
+from .discovery import LoraComponent, canonical_name
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters an adapter file can hold: trainable ones and every ``lora_`` / ``modules_to_save`` one.
+
+    Example:
+        >>> [name for name, _ in adapter_parameters(peft_model)][:1]  # doctest: +SKIP
+        ['base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight']
+    """
+    return [
+        (name, param)
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad or "lora_" in name or "modules_to_save" in name
+    ]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True when any parameter of ``module`` is partitioned (DeepSpeed ZeRO-3, FSDP2 DTensor) or FSDP1-wrapped.
+
+    Example:
+        >>> is_sharded(torch.nn.Linear(2, 2))
+        False
+    """
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+        return True
+    return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters())
+
+
+def _fsdp1_full_params(fsdp_root: torch.nn.Module | None) -> contextlib.AbstractContextManager:
+    if fsdp_root is not None and type(fsdp_root).__name__ == "FullyShardedDataParallel":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, offload_to_cpu=True)
+    return contextlib.nullcontext()
+
+
+def gather_adapter_state_dict(
+    component: LoraComponent, is_writer: bool, fsdp_root: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Full copies (on CPU) of the component's adapter parameters, keyed as in the whole model's state dict.
+
+    Collective: call on every process, in the same order. Returns the dict on the writer and
+    ``None`` elsewhere. ``fsdp_root`` is the FSDP1 root module (``trainer.model_wrapped``) when
+    there is one; FSDP2 (``fully_shard``) and DeepSpeed need none.
+
+    Example:
+        >>> state = gather_adapter_state_dict(find_lora_model(model), is_writer=rank == 0)  # doctest: +SKIP
+        >>> if rank == 0: write_lora_adapters(component, out, state_dict=state)  # doctest: +SKIP
+    """
+    prefix = component.path + "." if component.path else ""
+    with _fsdp1_full_params(fsdp_root):
+        params = adapter_parameters(component.model)
+        gathered: dict[str, torch.Tensor] = {}
+        if any(hasattr(p, "ds_id") for _, p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                if is_writer:
+                    gathered = {prefix + canonical_name(n): p.detach().to("cpu", copy=True) for n, p in params}
+        else:
+            for name, param in params:
+                full = param.full_tensor() if _is_dtensor(param) else param  # full_tensor() is a collective
+                if is_writer:
+                    gathered[prefix + canonical_name(name)] = full.detach().to("cpu", copy=True)
+    if is_writer:
+        logger.debug("gathered %d adapter tensors of %s", len(gathered), component.display_path)
+        return gathered
+    return None

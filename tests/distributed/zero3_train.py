@@ -1,0 +1,54 @@
+"""Train with HiggsLoraTrainer under DeepSpeed ZeRO-3 on 2 CPU processes (run by tests/test_zero3.py).
+
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_train.py OUTPUT_DIR GATHER(0|1)
+Rank 0 writes OUTPUT_DIR/trained_logits.pt; every rank writes OUTPUT_DIR/rank-N.json with the
+adapters it wrote.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from accelerate import PartialState
+
+from higgs_trainer import HiggsLoraTrainer
+from tests.models import RandomTokens, logits_of, make_model, probe_batch, training_args
+
+output_dir, gather = sys.argv[1], sys.argv[2] == "1"
+rank = int(os.environ["RANK"])
+deepspeed_config = {
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": gather},
+    # DeepSpeed's own AdamW on CPU tensors; its CPU-offload optimizer is not forced.
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True, "weight_decay": 0.0}},
+    "zero_force_ds_cpu_optimizer": False,
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"},
+    },
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+# CPU only: transformers 5.x passes no backend to accelerate for DeepSpeed, and on a machine without GPUs accelerate
+# then reports one process on every rank (so every rank would think it is the writer). On GPUs NCCL is found and this
+# is not needed. Configure the state with gloo first and let TrainingArguments use it.
+os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+PartialState(backend="gloo")
+args = training_args(
+    output_dir,
+    deepspeed=deepspeed_config,
+    use_cpu=False,
+    warmup_steps=1,
+    accelerator_config={"use_configured_state": True},
+)
+model = make_model("model")
+trainer = HiggsLoraTrainer(model=model, args=args, train_dataset=RandomTokens())
+trainer.train()
+trainer.save_model()
+logits = logits_of(model, probe_batch())  # every rank runs the forward: ZeRO-3 gathers layer by layer
+if rank == 0:
+    torch.save(logits, os.path.join(output_dir, "trained_logits.pt"))
+wrote = trainer.last_saved_adapter.path if trainer.last_saved_adapter else None
+with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
+    json.dump({"rank": rank, "last_saved_adapter": wrote}, handle)
