@@ -18,8 +18,10 @@ from transformers import PreTrainedModel, Trainer
 
 from ._compat import rng_state_safe_globals
 from .discovery import LoraComponent, find_lora_model
+from .errors import HiggsTrainerError
 from .gathering import gather_adapter_state_dict, is_sharded
-from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
+from .resuming import is_adapter_only_checkpoint, load_lora_adapters
+from .saving import ADAPTER_DIRNAME, SavedAdapter, clone_shared_tensors, write_lora_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class LoraAdapterSavingMixin:
       needed only when the model holds more than one.
     * ``save_embedding_layers``: passed to peft's ``save_pretrained`` (default ``False``; never
       ``"auto"``, which may query the Hub).
+    * ``adapter_only_checkpoints``: when true, each ``checkpoint-N`` holds ``lora_adapters`` and
+      the optimizer, scheduler, RNG and trainer state, but not the frozen base weights; resuming
+      from it loads the adapter into the model. The final ``save_model()`` stays a full save.
+      Single process and DDP only (default ``False``).
 
     The PEFT component is looked up when the trainer is created, so a model without one fails
     before training starts.
@@ -52,12 +58,23 @@ class LoraAdapterSavingMixin:
     """
 
     def __init__(
-        self, *args: Any, lora_model_path: str | None = None, save_embedding_layers: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        lora_model_path: str | None = None,
+        save_embedding_layers: bool = False,
+        adapter_only_checkpoints: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.lora_model_path = lora_model_path
         self.save_embedding_layers = save_embedding_layers
+        self.adapter_only_checkpoints = adapter_only_checkpoints
         self.last_saved_adapter: SavedAdapter | None = None
         super().__init__(*args, **kwargs)
+        if adapter_only_checkpoints and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise HiggsTrainerError(
+                "adapter_only_checkpoints=True supports single-process and DDP training only; under DeepSpeed or "
+                "FSDP keep full checkpoints (each still gets a verified lora_adapters)."
+            )
         if self.model is not None:  # with model_init the model exists only once train() starts
             component = self.lora_component()
             logger.info("LoRA adapters will be saved from the PeftModel at %s", component.display_path)
@@ -86,6 +103,9 @@ class LoraAdapterSavingMixin:
         return False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.adapter_only_checkpoints and _internal_call:  # a checkpoint-N save from _save_checkpoint
+            self._save_adapter_only_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
+            return
         super().save_model(output_dir, _internal_call)
         if self._adapter_is_gathered():
             output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -111,6 +131,31 @@ class LoraAdapterSavingMixin:
                 state_dict=state_dict,
                 save_embedding_layers=self.save_embedding_layers,
             )
+
+    def _save_adapter_only_checkpoint(self, output_dir: str) -> None:
+        """The model part of an adapter-only checkpoint: the adapter, training arguments and tokenizer, no base weights."""
+        if not self.args.should_save:
+            return
+        self.last_saved_adapter = write_lora_adapters(
+            self.lora_component(), output_dir, save_embedding_layers=self.save_embedding_layers
+        )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # transformers' TRAINING_ARGS_NAME
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if is_adapter_only_checkpoint(resume_from_checkpoint):
+            load_lora_adapters(self.lora_component(), os.path.join(resume_from_checkpoint, ADAPTER_DIRNAME))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is not None and is_adapter_only_checkpoint(best):
+            logger.info("Loading best model from %s (adapter-only checkpoint)", best)
+            load_lora_adapters(self.lora_component(), os.path.join(best, ADAPTER_DIRNAME))
+            return
+        super()._load_best_model()
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with rng_state_safe_globals():

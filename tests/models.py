@@ -16,6 +16,7 @@ import transformers
 from packaging.version import Version
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import TrainerCallback
 
 HIGGS_STACK = Version(transformers.__version__) < Version("4.47") and bool(importlib.util.find_spec("boson_multimodal"))
 VOCAB = 256
@@ -137,3 +138,10 @@ def training_args(output_dir, **overrides) -> transformers.TrainingArguments:
     )  # fmt: skip
     values.update(overrides)
     return transformers.TrainingArguments(**values)
+
+
+class EarliestIsBest(TrainerCallback):
+    """Adds eval_step_score = -step, so with greater_is_better the earliest checkpoint is the best."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_step_score"] = -state.global_step

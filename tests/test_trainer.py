@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from higgs_trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, find_lora_model, verify_adapter
 from tests.models import (
+    EarliestIsBest,
     RandomTokens,
     causal_lm_loss,
     logits_of,
@@ -133,13 +134,6 @@ def test_save_total_limit_keeps_each_checkpoints_adapter(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     for step in (4, 6):
         assert_same_tensors(adapter_of(tmp_path / f"checkpoint-{step}" / "lora_adapters"), recorder.by_step[step])
-
-
-class EarliestIsBest(TrainerCallback):
-    """Adds eval_step_score = -step, so with greater_is_better the earliest checkpoint is the best."""
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        metrics["eval_step_score"] = -state.global_step
 
 
 def test_load_best_model_at_end_saves_the_best_checkpoints_adapter(tmp_path):

@@ -1,0 +1,63 @@
+"""Load a saved adapter back into the live PEFT component: resuming from adapter-only checkpoints.
+
+An adapter-only checkpoint (``HiggsLoraTrainer(adapter_only_checkpoints=True)``) holds
+``lora_adapters/`` and the optimizer, scheduler, RNG and trainer state, but not the frozen base
+weights: the base is already in memory, so only the adapter is loaded (with peft's own
+``set_peft_model_state_dict``), and every adapter tensor must match a module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from peft.utils import set_peft_model_state_dict
+
+from .discovery import LoraComponent
+from .errors import AdapterVerificationError
+from .saving import ADAPTER_DIRNAME
+from .verification import read_adapter_tensors
+
+logger = logging.getLogger(__name__)
+
+# What Trainer writes for full weights (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and their indexes).
+FULL_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
+    """True when ``checkpoint`` has ``lora_adapters/`` but no full model weights.
+
+    Example:
+        >>> is_adapter_only_checkpoint("out/checkpoint-500")  # doctest: +SKIP
+        True
+    """
+    checkpoint = Path(checkpoint)
+    has_full = any((checkpoint / name).is_file() for name in FULL_WEIGHT_FILES)
+    return not has_full and (checkpoint / ADAPTER_DIRNAME).is_dir()
+
+
+def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike) -> None:
+    """Load the adapter(s) saved in ``adapter_dir`` into ``component`` in place, refusing any key that does not fit.
+
+    Example:
+        >>> load_lora_adapters(find_lora_model(wrapper), "out/checkpoint-500/lora_adapters")  # doctest: +SKIP
+    """
+    adapter_dir = Path(adapter_dir)
+    for name in component.model.peft_config:
+        directory = adapter_dir if name == "default" else adapter_dir / name
+        tensors = read_adapter_tensors(directory)
+        result = set_peft_model_state_dict(component.model, tensors, adapter_name=name)
+        unexpected = list(result.unexpected_keys)
+        missing = [key for key in result.missing_keys if "lora_" in key and f".{name}." in key]
+        if unexpected or missing:
+            raise AdapterVerificationError(
+                f"the adapter at {directory} does not fit the PeftModel at {component.display_path}: "
+                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing LoRA key(s) {missing[:3]}"
+            )
+        logger.info("Loaded LoRA adapter %r from %s into %s", name, directory, component.display_path)
