@@ -8,6 +8,8 @@ The mixin keeps that full checkpoint exactly as ``Trainer`` writes it and adds
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from typing import Any
@@ -70,10 +72,10 @@ class LoraAdapterSavingMixin:
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.last_saved_adapter: SavedAdapter | None = None
         super().__init__(*args, **kwargs)
-        if adapter_only_checkpoints and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if adapter_only_checkpoints and self.is_fsdp_enabled:
             raise HiggsTrainerError(
-                "adapter_only_checkpoints=True supports single-process and DDP training only; under DeepSpeed or "
-                "FSDP keep full checkpoints (each still gets a verified lora_adapters)."
+                "adapter_only_checkpoints=True supports single-process, DDP and DeepSpeed training; under FSDP keep "
+                "full checkpoints (each still gets a verified lora_adapters)."
             )
         if self.model is not None:  # with model_init the model exists only once train() starts
             component = self.lora_component()
@@ -134,14 +136,36 @@ class LoraAdapterSavingMixin:
 
     def _save_adapter_only_checkpoint(self, output_dir: str) -> None:
         """The model part of an adapter-only checkpoint: the adapter, training arguments and tokenizer, no base weights."""
+        self.last_saved_adapter = save_lora_adapters(self, output_dir)  # gathers on every rank when sharded
         if not self.args.should_save:
             return
-        self.last_saved_adapter = write_lora_adapters(
-            self.lora_component(), output_dir, save_embedding_layers=self.save_embedding_layers
-        )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # transformers' TRAINING_ARGS_NAME
+
+    # Trainer stores its DeepSpeed engine in `self.deepspeed` right before loading a checkpoint into it on resume;
+    # with adapter-only checkpoints the engine must accept a module state without the frozen base weights.
+    @property
+    def deepspeed(self) -> Any:
+        return self.__dict__.get("_deepspeed_engine")
+
+    @deepspeed.setter
+    def deepspeed(self, engine: Any) -> None:
+        if engine is not None and self.adapter_only_checkpoints:
+            _allow_missing_frozen_parameters(engine)
+        self.__dict__["_deepspeed_engine"] = engine
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not (self.adapter_only_checkpoints and self.is_deepspeed_enabled):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Trainer passes exclude_frozen_parameters=True only for a top-level PeftModel; a wrapper gets the frozen
+        # base written into every DeepSpeed checkpoint. Swap the flag in for this save only (as trl swaps models).
+        engine = self.model_wrapped
+        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if is_adapter_only_checkpoint(resume_from_checkpoint):
@@ -160,6 +184,26 @@ class LoraAdapterSavingMixin:
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with rng_state_safe_globals():
             super()._load_rng_state(checkpoint)
+
+
+def _allow_missing_frozen_parameters(engine: Any) -> None:
+    """Let ``engine`` load a module state saved with ``exclude_frozen_parameters=True``, still strict about the rest.
+
+    Uses DeepSpeed's own ``allowed_missing_keys`` (deepspeed >= 0.18): only frozen parameters may be missing.
+    """
+    original = engine.load_module_state_dict
+    if "allowed_missing_keys" not in inspect.signature(original).parameters:
+        raise HiggsTrainerError(
+            "adapter_only_checkpoints=True under DeepSpeed needs deepspeed >= 0.18 (load_module_state_dict's "
+            "allowed_missing_keys); upgrade deepspeed or keep full checkpoints."
+        )
+    frozen = {name for name, param in engine.module.named_parameters() if not param.requires_grad}
+
+    def load_module_state_dict(checkpoint: Any, strict: bool = True, *args: Any, **kwargs: Any) -> Any:
+        kwargs["allowed_missing_keys"] = frozen | set(kwargs.get("allowed_missing_keys") or ())
+        return original(checkpoint, strict, *args, **kwargs)
+
+    engine.load_module_state_dict = load_module_state_dict
 
 
 class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):

@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     out = {}
     for gather in (1, 0):
         directory = tmp_path_factory.mktemp(f"zero3-gather{gather}")
-        torchrun("zero3_train.py", directory, gather, env={"DS_ACCELERATOR": "cpu"})
+        torchrun("zero3_train.py", directory, *([] if gather else ["--no-gather"]), env={"DS_ACCELERATOR": "cpu"})
         out[gather] = directory
     return out
 
@@ -43,3 +43,23 @@ def test_both_gather_settings_save_the_same_adapters(runs):
         a = load_file(str(runs[1] / sub / "lora_adapters" / "adapter_model.safetensors"))
         b = load_file(str(runs[0] / sub / "lora_adapters" / "adapter_model.safetensors"))
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactly(runs, tmp_path):
+    env = {"DS_ACCELERATOR": "cpu"}
+    torchrun("zero3_train.py", tmp_path / "a", "--adapter-only", env=env)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()
+    verify_adapter(checkpoint / "lora_adapters")
+    # DeepSpeed's own checkpoint leaves the frozen base out: far smaller than the full run's
+    module_states = sorted((checkpoint / "global_step2").glob("*model_states.pt"))
+    full_states = sorted((runs[1] / "checkpoint-2" / "global_step2").glob("*model_states.pt"))
+    assert module_states and sum(f.stat().st_size for f in module_states) * 10 < sum(
+        f.stat().st_size for f in full_states
+    )
+
+    torchrun("zero3_train.py", tmp_path / "b", "--adapter-only", "--resume", checkpoint, env=env)
+    uninterrupted = load_file(str(tmp_path / "a" / "lora_adapters" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)

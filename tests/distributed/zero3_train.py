@@ -1,13 +1,13 @@
 """Train with HiggsLoraTrainer under DeepSpeed ZeRO-3 on 2 CPU processes (run by tests/test_zero3.py).
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_train.py OUTPUT_DIR GATHER(0|1)
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_train.py OUTPUT_DIR [--no-gather] [--adapter-only] [--resume CKPT]
 Rank 0 writes OUTPUT_DIR/trained_logits.pt; every rank writes OUTPUT_DIR/rank-N.json with the
 adapters it wrote.
 """
 
+import argparse
 import json
 import os
-import sys
 
 import torch
 from accelerate import PartialState
@@ -15,7 +15,13 @@ from accelerate import PartialState
 from higgs_trainer import HiggsLoraTrainer
 from tests.models import RandomTokens, logits_of, make_model, probe_batch, training_args
 
-output_dir, gather = sys.argv[1], sys.argv[2] == "1"
+parser = argparse.ArgumentParser()
+parser.add_argument("output_dir")
+parser.add_argument("--no-gather", action="store_true", help="stage3_gather_16bit_weights_on_model_save: false")
+parser.add_argument("--adapter-only", action="store_true", help="HiggsLoraTrainer(adapter_only_checkpoints=True)")
+parser.add_argument("--resume", help="checkpoint to resume from")
+options = parser.parse_args()
+output_dir, gather = options.output_dir, not options.no_gather
 rank = int(os.environ["RANK"])
 deepspeed_config = {
     "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": gather},
@@ -43,8 +49,10 @@ args = training_args(
     accelerator_config={"use_configured_state": True},
 )
 model = make_model("model")
-trainer = HiggsLoraTrainer(model=model, args=args, train_dataset=RandomTokens())
-trainer.train()
+trainer = HiggsLoraTrainer(
+    model=model, args=args, train_dataset=RandomTokens(), adapter_only_checkpoints=options.adapter_only
+)
+trainer.train(resume_from_checkpoint=options.resume)
 trainer.save_model()
 logits = logits_of(model, probe_batch())  # every rank runs the forward: ZeRO-3 gathers layer by layer
 if rank == 0:
