@@ -49,7 +49,7 @@ class TimedTrainer(HiggsLoraTrainer):
         return result
 
 
-def build_model(layers: int) -> nn.Module:
+def build_model(layers: int, targets: list[str]) -> nn.Module:
     config = transformers.LlamaConfig(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
@@ -62,9 +62,7 @@ def build_model(layers: int) -> nn.Module:
         param.data.normal_(0, 0.02, generator=generator)
     base.model.rotary_emb = type(base.model.rotary_emb)(config=config)  # its buffers are computed, not loaded
     wrapper = Wrapper(base)
-    wrapper.model = get_peft_model(
-        wrapper.model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    )
+    wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     return wrapper
 
 
@@ -96,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=18, help="18 layers of Llama-1B shape: 1.04e9 parameters")
     parser.add_argument("--out", default="/tmp/bench-checkpoint")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA target modules, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    wrapper = build_model(args.layers)
+    targets = args.targets.split(",")
+    wrapper = build_model(args.layers, targets)
     params = sum(p.numel() for p in wrapper.parameters())
     lora = sum(p.numel() for n, p in wrapper.named_parameters() if "lora_" in n)
     out = Path(args.out)
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "parameters": params,
+        "lora_targets": targets,
         "lora_parameters": lora,
         "full_checkpoint": full,
         "adapter_only_checkpoint": adapter_only,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     print(
-        f"\n{params / 1e9:.2f}e9 parameters, {lora / 1e6:.1f}M LoRA (r=16, q/k/v/o)\n"
+        f"\n{params / 1e9:.2f}e9 parameters, {lora / 1e6:.1f}M LoRA (r=16 on {'/'.join(targets)})\n"
         f"full checkpoint:         {full['seconds']:7.2f} s  {full['bytes'] / 2**20:10.1f} MiB\n"
         f"adapter-only checkpoint: {adapter_only['seconds']:7.2f} s  {adapter_only['bytes'] / 2**20:10.1f} MiB\n"
         f"adapter-only is {result['smaller_x']:.0f}x smaller and {result['faster_x']:.0f}x faster; "
