@@ -38,7 +38,7 @@ class LoraAdapterSavingMixin:
     """Adds verified ``lora_adapters`` to every save of a ``transformers.Trainer`` subclass.
 
     Put it first in the bases: ``class MyTrainer(LoraAdapterSavingMixin, SomeTrainer)``. Every
-    constructor argument is passed through to the trainer; two are added:
+    constructor argument is passed through to the trainer; three are added:
 
     * ``lora_model_path``: dotted path of the ``PeftModel`` to save (e.g. ``"model.text_model"``),
       needed only when the model holds more than one.
@@ -47,7 +47,8 @@ class LoraAdapterSavingMixin:
     * ``adapter_only_checkpoints``: when true, each ``checkpoint-N`` holds ``lora_adapters`` and
       the optimizer, scheduler, RNG and trainer state, but not the frozen base weights; resuming
       from it loads the adapter into the model. The final ``save_model()`` stays a full save.
-      Single process and DDP only (default ``False``).
+      Single process, DDP and DeepSpeed (whose own checkpoint then leaves the frozen parameters
+      out); not FSDP (default ``False``).
 
     The PEFT component is looked up when the trainer is created, so a model without one fails
     before training starts.
@@ -109,15 +110,8 @@ class LoraAdapterSavingMixin:
             self._save_adapter_only_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
             return
         super().save_model(output_dir, _internal_call)
-        if self._adapter_is_gathered():
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            component = self.lora_component()
-            # Collective: every rank gathers, only the writer writes.
-            state_dict = gather_adapter_state_dict(component, self.args.should_save, fsdp_root=self.model_wrapped)
-            if self.args.should_save:
-                self.last_saved_adapter = write_lora_adapters(
-                    component, output_dir, state_dict=state_dict, save_embedding_layers=self.save_embedding_layers
-                )
+        if self._adapter_is_gathered():  # collective: every rank gathers, only the writer writes
+            self.last_saved_adapter = save_lora_adapters(self, output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -209,8 +203,9 @@ def _allow_missing_frozen_parameters(engine: Any) -> None:
 class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):
     """``transformers.Trainer`` that writes a verified LoRA adapter into every checkpoint and the final save.
 
-    A drop-in replacement: same constructor, plus the two optional arguments of
-    :class:`LoraAdapterSavingMixin`.
+    A drop-in replacement: same constructor, plus the optional arguments of
+    :class:`LoraAdapterSavingMixin` (``lora_model_path``, ``save_embedding_layers``,
+    ``adapter_only_checkpoints``).
 
     Example:
         >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
