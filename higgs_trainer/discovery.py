@@ -2,7 +2,7 @@
 
 Community Higgs Audio scripts put the ``PeftModel`` at ``wrapper.model`` or
 ``wrapper.model.text_model``; DDP, DeepSpeed and ``torch.compile`` add their own layers.
-We unwrap the outside with accelerate and then search the module tree, so no attribute
+We unwrap the outside (DDP, DeepSpeed, torch.compile) and then search the module tree, so no attribute
 chain is hard-coded.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 
 from .errors import AmbiguousLoraModelError, LoraModelNotFoundError
@@ -72,12 +71,26 @@ class LoraComponent:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove DDP / DataParallel / DeepSpeed / ``torch.compile`` layers around a model (accelerate's unwrapping).
+    """Remove the DDP / DataParallel / DeepSpeed / ``torch.compile`` layers around a model.
+
+    The same unwrapping as accelerate's ``extract_model_from_parallel``, written out because
+    accelerate releases before PR 3881 (1.9.0, on the Higgs stack, among them) raise ``KeyError: '_orig_mod'``
+    when only a submodule is compiled (accelerate issues 3683, 3879). FSDP is left in place: the search below
+    sees through it and drops its name segments.
 
     Example:
-        >>> unwrap_model(torch.nn.parallel.DistributedDataParallel(wrapper))  # doctest: +SKIP
+        >>> unwrap_model(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+        Linear(in_features=2, out_features=2, bias=True)
     """
-    return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) or (
+            type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), torch.nn.Module)
+        ):
+            model = model.module
+        else:
+            return model
 
 
 def _peft_models(model: torch.nn.Module) -> list[LoraComponent]:

@@ -145,3 +145,10 @@ class EarliestIsBest(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics["eval_step_score"] = -state.global_step
+
+
+def assert_same_tensors(actual, expected):
+    """Same keys, bit-identical tensors."""
+    assert sorted(actual) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)

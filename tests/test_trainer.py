@@ -14,6 +14,7 @@ from higgs_trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, find_lora_mo
 from tests.models import (
     EarliestIsBest,
     RandomTokens,
+    assert_same_tensors,
     causal_lm_loss,
     logits_of,
     make_model,
@@ -34,12 +35,6 @@ class RecordLora(TrainerCallback):
         self.by_step[state.global_step] = {
             k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
         }
-
-
-def assert_same_tensors(actual, expected):
-    assert sorted(actual) == sorted(expected)
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def adapter_of(directory) -> dict:
