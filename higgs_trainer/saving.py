@@ -68,8 +68,8 @@ def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     """Give every key its own storage, so ``safetensors.torch.save_file`` accepts tied weights.
 
     ``Trainer._save`` writes a plain ``nn.Module`` wrapper with ``save_file``, which refuses
-    tensors that share memory (tied embeddings; transformers issue 33807). Only the second and
-    later aliases are copied.
+    tensors that share memory (tied embeddings, overlapping views; transformers issue
+    33807). Only the second and later tensors on a storage are copied.
 
     Example:
         >>> w = torch.ones(2)
@@ -77,14 +77,15 @@ def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         >>> d["a"].data_ptr() != d["b"].data_ptr()
         True
     """
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()  # storages, not views: safetensors refuses any two tensors on one storage
     result = {}
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor) and value.numel() > 0:
-            ident = (value.untyped_storage().data_ptr(), value.storage_offset())
-            if ident in seen:
+            storage = value.untyped_storage().data_ptr()
+            if storage in seen:
                 value = value.clone()
-            seen.add(ident)
+            else:
+                seen.add(storage)
         result[key] = value
     return result
 
