@@ -1,0 +1,47 @@
+"""Train with HiggsLoraTrainer under DDP on 2 CPU processes (gloo); run by tests/test_distributed_ddp.py.
+
+Usage: torchrun --nproc_per_node=2 tests/distributed/ddp_run.py OUTPUT_DIR
+Every rank writes OUTPUT_DIR/rank-N.json listing the adapters it wrote (from the library's own
+"Saved LoRA adapter" log lines); rank 0 also writes the trained model's probe logits.
+"""
+
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from higgs_trainer import HiggsLoraTrainer
+from tests.models import RandomTokens, logits_of, make_model, probe_batch, training_args
+
+
+class SavedAdapters(logging.Handler):
+    """Collects the paths of the adapters this process wrote, from higgs_trainer's INFO line."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.paths = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Saved LoRA adapter to "):
+            self.paths.append(record.args[0])
+
+
+output_dir = sys.argv[1]
+rank = int(os.environ["RANK"])
+saved = SavedAdapters()
+logging.getLogger("higgs_trainer").addHandler(saved)
+logging.getLogger("higgs_trainer").setLevel(logging.INFO)
+
+model = make_model("model")
+trainer = HiggsLoraTrainer(
+    model=model, args=training_args(output_dir, ddp_backend="gloo"), train_dataset=RandomTokens()
+)
+assert trainer.args.world_size == 2, trainer.args.world_size
+trainer.train()
+trainer.save_model()
+if rank == 0:
+    torch.save(logits_of(model, probe_batch()), os.path.join(output_dir, "trained_logits.pt"))
+with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
+    json.dump({"rank": rank, "saved": saved.paths}, handle)
