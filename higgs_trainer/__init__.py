@@ -1,6 +1,6 @@
 """Save LoRA adapters correctly when fine-tuning Higgs Audio v2 (or any wrapped PEFT model) with ``transformers.Trainer``.
 
-Example:
+Examples:
     >>> from higgs_trainer import HiggsLoraTrainer
     >>> trainer = HiggsLoraTrainer(model=wrapper, args=training_args, train_dataset=ds)  # doctest: +SKIP
     >>> trainer.train()  # every checkpoint-N gets a verified lora_adapters/  # doctest: +SKIP

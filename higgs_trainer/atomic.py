@@ -58,7 +58,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     If the body raises, the staging directory is removed and ``target`` is untouched. Files are
     flushed to disk before the rename.
 
-    Example:
+    Examples:
         >>> with staged_directory("out/lora_adapters") as staging:  # doctest: +SKIP
         ...     peft_model.save_pretrained(staging)
         ...     verify_adapter(staging)

@@ -23,7 +23,7 @@ _WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_m
 def canonical_name(name: str) -> str:
     """Drop wrapper-only segments (``torch.compile``, FSDP1, activation checkpointing) from a dotted name.
 
-    Example:
+    Examples:
         >>> canonical_name("model._orig_mod.base_model.model.lm_head.weight")
         'model.base_model.model.lm_head.weight'
     """
@@ -38,7 +38,7 @@ class LoraComponent:
     the ``PeftModel``), without wrapper-only segments; it is also the prefix of the component's
     keys in the unwrapped model's state dict.
 
-    Example:
+    Examples:
         >>> component = find_lora_model(wrapper)  # doctest: +SKIP
         >>> component.path, type(component.model).__name__  # doctest: +SKIP
         ('model', 'PeftModelForCausalLM')
@@ -55,7 +55,7 @@ class LoraComponent:
     def slice_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keep the entries of a whole-model state dict that belong to this component, keys made relative to it.
 
-        Example:
+        Examples:
             >>> component.slice_state_dict(wrapper.state_dict())  # doctest: +SKIP
             {'base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight': tensor(...), ...}
         """
@@ -78,7 +78,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     when only a submodule is compiled (accelerate issues 3683, 3879). FSDP is left in place: the search below
     sees through it and drops its name segments.
 
-    Example:
+    Examples:
         >>> unwrap_model(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
         Linear(in_features=2, out_features=2, bias=True)
     """
@@ -117,7 +117,7 @@ def find_lora_model(model: torch.nn.Module, path: str | None = None) -> LoraComp
         LoraModelNotFoundError: there is no ``PeftModel``, or none at ``path``.
         AmbiguousLoraModelError: there are several and ``path`` was not given.
 
-    Example:
+    Examples:
         >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(target_modules=["q_proj"]))  # doctest: +SKIP
         >>> find_lora_model(wrapper).path  # doctest: +SKIP
         'model'

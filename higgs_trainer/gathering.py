@@ -5,7 +5,7 @@ a sharded state dict, ``Trainer`` hands ``_save`` no usable weights, and the liv
 are partitioned: saving them writes empty tensors (peft issue 2892) or crashes. Here only the
 adapter's parameters (a few MB) are gathered, never the frozen base model.
 
-Every process must call :func:`gather_adapter_state_dict` (it runs collectives); only the
+Every process must call `gather_adapter_state_dict` (it runs collectives); only the
 writer gets the tensors back.
 """
 
@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 def adapter_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters an adapter file can hold: trainable ones and every ``lora_`` / ``modules_to_save`` one.
 
-    Example:
-        >>> [name for name, _ in adapter_parameters(peft_model)][:1]  # doctest: +SKIP
-        ['base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight']
+    Examples:
+        >>> next(name for name, _ in adapter_parameters(peft_model))  # doctest: +SKIP
+        'base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight'
     """
     return [
         (name, param)
@@ -43,7 +43,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 def is_sharded(module: torch.nn.Module) -> bool:
     """True when any parameter of ``module`` is partitioned (DeepSpeed ZeRO-3, FSDP2 DTensor) or FSDP1-wrapped.
 
-    Example:
+    Examples:
         >>> is_sharded(torch.nn.Linear(2, 2))
         False
     """
@@ -69,7 +69,7 @@ def gather_adapter_state_dict(
     ``None`` elsewhere. ``fsdp_root`` is the FSDP1 root module (``trainer.model_wrapped``) when
     there is one; FSDP2 (``fully_shard``) and DeepSpeed need none.
 
-    Example:
+    Examples:
         >>> state = gather_adapter_state_dict(find_lora_model(model), is_writer=rank == 0)  # doctest: +SKIP
         >>> if rank == 0: write_lora_adapters(component, out, state_dict=state)  # doctest: +SKIP
     """

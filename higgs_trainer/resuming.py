@@ -33,7 +33,7 @@ FULL_WEIGHT_FILES = (
 def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
     """True when ``checkpoint`` has ``lora_adapters/`` but no full model weights.
 
-    Example:
+    Examples:
         >>> is_adapter_only_checkpoint("out/checkpoint-500")  # doctest: +SKIP
         True
     """
@@ -45,7 +45,7 @@ def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
 def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike) -> None:
     """Load the adapter(s) saved in ``adapter_dir`` into ``component`` in place, refusing any key that does not fit.
 
-    Example:
+    Examples:
         >>> load_lora_adapters(find_lora_model(wrapper), "out/checkpoint-500/lora_adapters")  # doctest: +SKIP
     """
     adapter_dir = Path(adapter_dir)

@@ -32,7 +32,7 @@ ADAPTER_DIRNAME = "lora_adapters"
 class SavedAdapter:
     """What one adapter save wrote.
 
-    Example:
+    Examples:
         >>> saved = save_lora_adapters(trainer, "out")  # doctest: +SKIP
         >>> saved.path, saved.num_tensors  # doctest: +SKIP
         ('out/lora_adapters', 8)
@@ -53,7 +53,7 @@ def expected_adapter_shapes(
     Uses DeepSpeed's ``ds_shape`` where parameters are partitioned, so the answer is the full
     shape even when the local tensor is empty.
 
-    Example:
+    Examples:
         >>> expected_adapter_shapes(peft_model)  # doctest: +SKIP
         {'base_model.model.layers.0.self_attn.q_proj.lora_A.weight': (4, 64), ...}
     """
@@ -71,7 +71,7 @@ def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     tensors that share memory (tied embeddings, overlapping views; transformers issue
     33807). Only the second and later tensors on a storage are copied.
 
-    Example:
+    Examples:
         >>> w = torch.ones(2)
         >>> d = clone_shared_tensors({"a": w, "b": w})
         >>> d["a"].data_ptr() != d["b"].data_ptr()
@@ -108,7 +108,7 @@ def write_lora_adapters(
         AdapterSaveError: writing failed (previous adapter left intact).
         AdapterVerificationError: what was written does not match the model (nothing replaced).
 
-    Example:
+    Examples:
         >>> write_lora_adapters(find_lora_model(wrapper), "out/checkpoint-2")  # doctest: +SKIP
         SavedAdapter(path='out/checkpoint-2/lora_adapters', component_path='model', num_tensors=8, ...)
     """

@@ -53,7 +53,7 @@ class LoraAdapterSavingMixin:
     The PEFT component is looked up when the trainer is created, so a model without one fails
     before training starts.
 
-    Example:
+    Examples:
         >>> class HiggsAudioTrainer(LoraAdapterSavingMixin, Trainer):  # doctest: +SKIP
         ...     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         ...         ...
@@ -85,7 +85,7 @@ class LoraAdapterSavingMixin:
     def lora_component(self) -> LoraComponent:
         """The PEFT component that is saved, found in the unwrapped model.
 
-        Example:
+        Examples:
             >>> trainer.lora_component().path  # doctest: +SKIP
             'model'
         """
@@ -204,10 +204,10 @@ class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):
     """``transformers.Trainer`` that writes a verified LoRA adapter into every checkpoint and the final save.
 
     A drop-in replacement: same constructor, plus the optional arguments of
-    :class:`LoraAdapterSavingMixin` (``lora_model_path``, ``save_embedding_layers``,
+    `LoraAdapterSavingMixin` (``lora_model_path``, ``save_embedding_layers``,
     ``adapter_only_checkpoints``).
 
-    Example:
+    Examples:
         >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
         >>> trainer = HiggsLoraTrainer(model=wrapper, args=TrainingArguments("out", save_steps=500), train_dataset=ds)  # doctest: +SKIP
         >>> trainer.train()  # out/checkpoint-500/lora_adapters, ... # doctest: +SKIP
@@ -224,7 +224,7 @@ def save_lora_adapters(
     writes (others return ``None``). Returns what was written, or ``None`` when ``use_lora`` is
     false. Raises if no PEFT component is found or the save fails.
 
-    Example:
+    Examples:
         >>> trainer.save_model()  # doctest: +SKIP
         >>> save_lora_adapters(trainer, training_args.output_dir, use_lora=args.use_lora)  # doctest: +SKIP
         SavedAdapter(path='out/lora_adapters', component_path='model', num_tensors=8, ...)
