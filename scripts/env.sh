@@ -7,7 +7,8 @@ stack=${1:?usage: scripts/env.sh higgs|newest}
 root=$(cd "$(dirname "$0")/.." && pwd)
 req="$root/requirements/$stack.txt"
 [ -f "$req" ] || { echo "scripts/env.sh: no $req (stacks: higgs, newest)" >&2; exit 2; }
-key=$(cat "$req" "$root/scripts/env.sh" | sha256sum | cut -c1-12)
+nodeps="$root/requirements/$stack-nodeps.txt"
+key=$({ cat "$req" "$root/scripts/env.sh"; if [ -f "$nodeps" ]; then cat "$nodeps"; fi; } | sha256sum | cut -c1-12)
 venv="${HIGGS_TRAINER_VENVS:-$HOME/.cache/higgs_trainer/venvs}/$stack-$key"
 if [ ! -f "$venv/.complete" ]; then
     echo "scripts/env.sh: creating $venv (first run takes a few minutes)" >&2
@@ -15,9 +16,9 @@ if [ ! -f "$venv/.complete" ]; then
     python3 -m venv "$venv"
     # DS_BUILD_OPS=0: DeepSpeed builds its few CPU ops on first use instead of at install time.
     DS_BUILD_OPS=0 "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
-    if [ "$stack" = higgs ]; then
-        # The model code needs only torch and transformers; the package's declared dependencies are heavy and unneeded.
-        "$venv/bin/pip" install -q --disable-pip-version-check --no-deps boson-multimodal==0.1.1 >&2
+    if [ -f "$nodeps" ]; then
+        # boson-multimodal and what its data path imports, without their heavy declared dependencies.
+        "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -r "$nodeps" >&2
     fi
     touch "$venv/.complete"
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check on both stacks: ruff, then the whole pytest suite on the Higgs stack and on the newest stack.
+# Every check on both stacks: ruff, the strict docs build, then the whole pytest suite on the Higgs stack and on the newest stack.
 # Sets up the environments it needs (scripts/env.sh). Exits non-zero if anything fails.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,6 +9,8 @@ higgs=$(scripts/env.sh higgs) || exit 1
 newest=$(scripts/env.sh newest) || exit 1
 echo "== ruff"
 "$higgs/bin/ruff" check . && "$higgs/bin/ruff" format --check . || status=1
+echo "== docs: mkdocs build --strict"
+NO_MKDOCS_2_WARNING=1 "$higgs/bin/mkdocs" build --strict --quiet --site-dir "$(mktemp -d)" || status=1
 for venv in "$higgs" "$newest"; do
     echo "== pytest on $(basename "$venv")"
     "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1

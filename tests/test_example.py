@@ -1,11 +1,14 @@
-"""The README's main job, examples/train_higgs_lora.py, on the real HiggsAudioModel."""
+"""The README's main job, examples/train_higgs_lora.py: the real HiggsAudioModel, ChatMLDatasetSample and HiggsAudioSampleCollator."""
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
 from tests.models import HIGGS_STACK
@@ -14,30 +17,112 @@ pytestmark = pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal import
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_higgs_lora.py"
 
 
-def load_example():
+@pytest.fixture(scope="module")
+def example():
     spec = importlib.util.spec_from_file_location("train_higgs_lora", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_example_trains_text_and_audio_and_writes_adapters_that_round_trip(tmp_path, capsys):
-    example = load_example()
+def training_batch(example, n=4):
+    samples = example.SyntheticSpeechSamples()
+    return example.HiggsAudioTrainingCollator(example.tiny_higgs_model().config)([samples[i] for i in range(n)])
+
+
+@torch.no_grad()
+def losses_of(example, model, batch):
+    model.eval()
+    text_loss, audio_loss = example.text_and_audio_losses(model(**batch), batch["label_audio_ids"])
+    return text_loss.item(), audio_loss.item()
+
+
+def test_default_run_trains_both_heads_writes_verified_adapters_and_says_how_to_verify_and_merge(
+    example, tmp_path, capsys
+):
     assert example.main(["--output-dir", str(tmp_path), "--max-steps", "4", "--lora-audio-mlp"]) == 0
     for directory in (tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path):
         summary = verify_adapter(directory / "lora_adapters")
         assert summary.num_tensors == 40  # 2 layers x (4 attention + 3 text MLP + 3 audio MLP) x (A, B)
-    assert str(tmp_path / "lora_adapters") in capsys.readouterr().out
+        assert any(
+            ".audio_mlp." in t for t in load_file(str(directory / "lora_adapters" / "adapter_model.safetensors"))
+        )
+    out = capsys.readouterr().out
+    adapter = tmp_path / "lora_adapters"
+    assert f"higgs-trainer verify {tmp_path}" in out
+    assert f"higgs-trainer merge --base {tmp_path / 'base_model'} --adapter {adapter}" in out
 
-    batch = example.collate([example.SyntheticSpeechSamples()[i] for i in range(2)])
-    base = example.HiggsAudioModelWrapper(example.tiny_higgs_model()).eval()
-    adapted = example.HiggsAudioModelWrapper(
+    # The final adapter on the saved base: both losses finite and lower than the base's on the training data.
+    batch = training_batch(example)
+    base = example.HiggsAudioModelWrapper(example.HiggsAudioModel.from_pretrained(tmp_path / "base_model"))
+    before = losses_of(example, base, batch)
+    after = losses_of(
+        example, example.HiggsAudioModelWrapper(PeftModel.from_pretrained(base.model, str(adapter))), batch
+    )
+    assert all(math.isfinite(x) for x in before + after)
+    assert after[0] < before[0] and after[1] < before[1], (before, after)
+
+
+def test_saved_adapter_reproduces_the_trained_wrappers_text_and_audio_logits(example, tmp_path):
+    trainer = example.build_trainer(example.parse_args(["--output-dir", str(tmp_path), "--max-steps", "4"]))
+    trainer.train()
+    trainer.save_model()
+    logged = [log for log in trainer.state.log_history if "text_loss" in log]
+    assert logged and all(math.isfinite(log["text_loss"]) and math.isfinite(log["audio_loss"]) for log in logged)
+    assert all(log["audio_loss"] > 0 for log in logged)  # the audio head had targets in every batch
+
+    batch = training_batch(example)
+    reloaded = example.HiggsAudioModelWrapper(
         PeftModel.from_pretrained(example.tiny_higgs_model(), str(tmp_path / "lora_adapters"))
     ).eval()
+    trained = trainer.model.eval()
     with torch.no_grad():
-        before, after = base(**batch), adapted(**batch)
-    for key in ("text_loss", "audio_loss"):
-        assert torch.isfinite(after[key]) and torch.isfinite(before[key])
-    # training lowered both losses on its own data, and the saved adapter carries that change
-    assert after["text_loss"] < before["text_loss"]
-    assert after["audio_loss"] < before["audio_loss"]
+        expected, actual = trained(**batch), reloaded(**batch)
+        untrained = example.HiggsAudioModelWrapper(example.tiny_higgs_model()).eval()(**batch)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual.audio_logits, expected.audio_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(
+        untrained.audio_logits, expected.audio_logits, atol=1e-4
+    )  # training changed the audio head
+
+
+def test_model_path_and_data_dir_train_a_saved_model_on_jsonl_samples(example, tmp_path):
+    example.tiny_higgs_model().save_pretrained(tmp_path / "base")
+    data = example.write_example_data(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    argv = [
+        "--model-path",
+        str(tmp_path / "base"),
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
+    assert example.main(argv) == 0
+    assert verify_adapter(out / "lora_adapters").num_tensors == 28  # no audio_mlp without --lora-audio-mlp
+    assert not (out / "base_model").exists()  # only the tiny default saves its base
+
+
+def test_data_dir_errors_name_the_file_and_line(example, tmp_path):
+    config = example.tiny_higgs_model().config
+    data = example.write_example_data(tmp_path / "data", n=2)
+    lines = (data / "samples.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["audio_codes"] = []
+    (data / "samples.jsonl").write_text(lines[0] + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: one audio_codes file is needed per <\|AUDIO_OUT\|> token"):
+        example.JsonlSpeechSamples(data, config)
+
+
+def test_resume_from_an_adapter_only_checkpoint_gives_the_uninterrupted_adapter(example, tmp_path):
+    common = ["--max-steps", "4", "--adapter-only-checkpoints"]
+    assert example.main(["--output-dir", str(tmp_path / "a"), *common]) == 0
+    assert not (tmp_path / "a" / "checkpoint-2" / "model.safetensors").exists()
+    resumed = ["--output-dir", str(tmp_path / "b"), "--resume-from-checkpoint", str(tmp_path / "a" / "checkpoint-2")]
+    assert example.main([*resumed, *common]) == 0
+    uninterrupted = load_file(str(tmp_path / "a" / "lora_adapters" / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(again[key], value, rtol=1e-6, atol=1e-7, msg=key)
