@@ -45,3 +45,7 @@ if rank == 0:
     torch.save(logits_of(model, probe_batch()), os.path.join(output_dir, "trained_logits.pt"))
 with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
     json.dump({"rank": rank, "saved": saved.paths}, handle)
+# Leave the process group before exiting: a gloo group torn down at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -60,3 +60,7 @@ if rank == 0:
 wrote = trainer.last_saved_adapter.path if trainer.last_saved_adapter else None
 with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
     json.dump({"rank": rank, "last_saved_adapter": wrote}, handle)
+# Leave the process group before exiting: a gloo group torn down at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
