@@ -11,6 +11,11 @@ Examples:
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
+_MAX_LISTED = 3
+
 
 class HiggsTrainerError(Exception):
     """Base class of every error this library raises on purpose.
@@ -63,3 +68,59 @@ class AdapterVerificationError(HiggsTrainerError, ValueError):
         Traceback (most recent call last):
         AdapterVerificationError: adapter at run/checkpoint-500/lora_adapters failed verification: 8 tensor(s) are empty ...
     """
+
+
+class CheckpointError(HiggsTrainerError, ValueError):
+    """A checkpoint (or a file given with it) is missing, unreadable, or holds no usable LoRA adapter.
+
+    Examples:
+        >>> extract_adapter("run/checkpoint-500", "rescued", lora_alpha=32)  # doctest: +SKIP
+        Traceback (most recent call last):
+        CheckpointError: run/checkpoint-500 is not a checkpoint: none of model.safetensors, ...
+    """
+
+
+class UsageError(HiggsTrainerError, ValueError):
+    """The request cannot be carried out as given; a different argument fixes it (the command exits with 2).
+
+    Examples:
+        >>> extract_adapter("run/checkpoint-500", "rescued")  # doctest: +SKIP
+        Traceback (most recent call last):
+        UsageError: lora_alpha cannot be inferred from the weights and the run did not record it ...
+    """
+
+
+class MergeError(HiggsTrainerError, RuntimeError):
+    """Merging or writing the merged model failed; nothing was written.
+
+    Examples:
+        >>> merge_adapter("base", "adapter", "merged")  # doctest: +SKIP
+        Traceback (most recent call last):
+        MergeError: writing the merged model to merged failed: [Errno 28] No space left on device (nothing written)
+    """
+
+
+def listed(items: Iterable[str], limit: int = _MAX_LISTED) -> str:
+    """The first ``limit`` items, quoted, and how many more: for one-line error messages.
+
+    Examples:
+        >>> listed(["a", "b", "c", "d", "e"])
+        "'a', 'b', 'c' and 2 more"
+    """
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def first_line(exc: BaseException) -> str:
+    """The informative part of an exception's message, on one line (torch's unpickler refusal is ten lines).
+
+    Examples:
+        >>> first_line(ValueError("bad\\n  file"))
+        'bad file'
+    """
+    text = str(exc)
+    refusal = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", text)
+    if refusal:
+        text = f"weights_only=True refused it: {refusal.group(1)}"
+    return " ".join(text.split()) or type(exc).__name__

@@ -16,18 +16,10 @@ from peft.utils import set_peft_model_state_dict
 
 from .discovery import LoraComponent
 from .errors import AdapterVerificationError
-from .saving import ADAPTER_DIRNAME
+from .names import ADAPTER_DIRNAME, FULL_WEIGHT_FILES
 from .verification import read_adapter_tensors
 
 logger = logging.getLogger(__name__)
-
-# What Trainer writes for full weights (transformers' SAFE_WEIGHTS_NAME, WEIGHTS_NAME and their indexes).
-FULL_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:

@@ -21,11 +21,10 @@ from peft.utils import get_peft_model_state_dict
 from .atomic import staged_directory
 from .discovery import LoraComponent
 from .errors import AdapterSaveError, AdapterVerificationError
+from .names import ADAPTER_DIRNAME
 from .verification import human_size, verify_adapter
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_DIRNAME = "lora_adapters"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from ._compat import rng_state_safe_globals
 from .discovery import LoraComponent, find_lora_model
 from .errors import HiggsTrainerError
 from .gathering import gather_adapter_state_dict, is_sharded
+from .names import ADAPTER_DIRNAME
 from .resuming import is_adapter_only_checkpoint, load_lora_adapters
-from .saving import ADAPTER_DIRNAME, SavedAdapter, clone_shared_tensors, write_lora_adapters
+from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
 
 logger = logging.getLogger(__name__)
 
