@@ -11,12 +11,17 @@ from .errors import (
     AdapterSaveError,
     AdapterVerificationError,
     AmbiguousLoraModelError,
+    CheckpointError,
     HiggsTrainerError,
     LoraModelNotFoundError,
+    MergeError,
+    UsageError,
 )
+from .extraction import ExtractedAdapter, extract_adapter
+from .merging import MergeResult, merge_adapter
 from .saving import SavedAdapter
 from .trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, save_lora_adapters
-from .verification import AdapterSummary, inspect_adapter, verify_adapter
+from .verification import AdapterSummary, inspect_adapter, inspect_path, verify_adapter
 
 __version__ = "0.1.0"
 
@@ -25,14 +30,22 @@ __all__ = [
     "AdapterSummary",
     "AdapterVerificationError",
     "AmbiguousLoraModelError",
+    "CheckpointError",
+    "ExtractedAdapter",
     "HiggsLoraTrainer",
     "HiggsTrainerError",
     "LoraAdapterSavingMixin",
     "LoraComponent",
     "LoraModelNotFoundError",
+    "MergeError",
+    "MergeResult",
     "SavedAdapter",
+    "UsageError",
+    "extract_adapter",
     "find_lora_model",
     "inspect_adapter",
+    "inspect_path",
+    "merge_adapter",
     "save_lora_adapters",
     "verify_adapter",
 ]

@@ -6,10 +6,16 @@ Each shim names the versions (or upstream issue) it is for and when it can go.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from packaging.version import Version
+
+_TRANSFORMERS = Version(transformers.__version__)
 
 
 def rng_state_safe_globals() -> contextlib.AbstractContextManager[Any]:
@@ -26,3 +32,28 @@ def rng_state_safe_globals() -> contextlib.AbstractContextManager[Any]:
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
     allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     return safe_globals(allowed)
+
+
+def from_pretrained_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
+    """Keyword arguments for ``PreTrainedModel.from_pretrained`` that load in ``dtype`` without a random init first.
+
+    transformers >= 4.56 names the argument ``dtype`` (``torch_dtype`` is deprecated there; older
+    versions know only ``torch_dtype``). transformers < 5 builds the model with random weights
+    before loading unless ``low_cpu_mem_usage=True``; 5.x always loads lazily and has no such flag.
+    """
+    kwargs: dict[str, Any] = {"dtype" if _TRANSFORMERS >= Version("4.56") else "torch_dtype": dtype}
+    if _TRANSFORMERS < Version("5"):
+        kwargs["low_cpu_mem_usage"] = True
+    return kwargs
+
+
+def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> None:
+    """``model.save_pretrained(directory)`` in safetensors.
+
+    transformers < 5 takes ``safe_serialization`` (True by default since 4.35, passed to be sure);
+    5.x writes only safetensors and removed the argument.
+    """
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True
+    model.save_pretrained(str(directory), **kwargs)

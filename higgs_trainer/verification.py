@@ -16,25 +16,27 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import AdapterVerificationError
+from .errors import AdapterVerificationError, listed
+from .names import (
+    ADAPTER_DIRNAME,
+    CONFIG_NAME,
+    FULL_WEIGHT_FILES,
+    LORA_PAIRS,
+    PEFT_KEY_PREFIX,
+    PICKLE_NAME,
+    SAFETENSORS_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-# Every key of a LoRA adapter that PeftModel.from_pretrained loads starts with this.
-PEFT_KEY_PREFIX = "base_model.model."
-_PAIRS = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 _PARAM_SUFFIXES = {"weight", "bias"}
-_MAX_LISTED = 3
 
 
 @dataclass
 class AdapterSummary:
     """What an adapter directory holds, and what is wrong with it (``problems`` empty when it passed).
 
-    Example:
+    Examples:
         >>> summary = inspect_adapter("out/checkpoint-2/lora_adapters")  # doctest: +SKIP
         >>> summary.ok, summary.num_tensors, summary.r  # doctest: +SKIP
         (True, 8, 4)
@@ -96,14 +98,9 @@ def _lora_part(key: str) -> tuple[str, str, list[str]] | None:
     """Split ``<module>.<lora part>.<rest>`` for LoRA keys; None for other keys."""
     parts = key.split(".")
     for i, part in enumerate(parts):
-        if part in _PAIRS or part in _PAIRS.values():
+        if part in LORA_PAIRS or part in LORA_PAIRS.values():
             return ".".join(parts[:i]), part, parts[i + 1 :]
     return None
-
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
-    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
 def check_adapter_tensors(
@@ -116,7 +113,7 @@ def check_adapter_tensors(
     ``lora_B``; ranks agree with ``r`` and with each other; no empty tensor; finite values; and,
     when ``expected_shapes`` is given, exactly those keys with those shapes.
 
-    Example:
+    Examples:
         >>> check_adapter_tensors({"peft_type": "LORA", "r": 2}, {})
         ['the adapter holds no tensors']
     """
@@ -150,30 +147,30 @@ def check_adapter_tensors(
     if misplaced:
         problems.append(
             f"{len(misplaced)} key(s) lack the '{PEFT_KEY_PREFIX}' prefix that PeftModel.from_pretrained expects "
-            f"(wrapper prefix?): {_listed(misplaced)}"
+            f"(wrapper prefix?): {listed(misplaced)}"
         )
     if named:
-        problems.append(f"{len(named)} key(s) keep an adapter-name segment such as '.default': {_listed(named)}")
+        problems.append(f"{len(named)} key(s) keep an adapter-name segment such as '.default': {listed(named)}")
     if empty:
-        problems.append(f"{len(empty)} tensor(s) are empty (the ZeRO-3 partitioned-save failure): {_listed(empty)}")
+        problems.append(f"{len(empty)} tensor(s) are empty (the ZeRO-3 partitioned-save failure): {listed(empty)}")
     if nonfinite:
-        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or inf: {_listed(nonfinite)}")
+        problems.append(f"{len(nonfinite)} tensor(s) hold NaN or inf: {listed(nonfinite)}")
 
     unpaired = []
     for (module, part), tensor in pieces.items():
-        partner_part = _PAIRS.get(part) or next(a for a, b in _PAIRS.items() if b == part)
+        partner_part = LORA_PAIRS.get(part) or next(a for a, b in LORA_PAIRS.items() if b == part)
         partner = pieces.get((module, partner_part))
         if partner is None:
             unpaired.append(f"{module}.{part}")
-        elif part in _PAIRS and tensor.numel() and partner.numel():
+        elif part in LORA_PAIRS and tensor.numel() and partner.numel():
             rank_a, rank_b = tensor.shape[0], partner.shape[1] if partner.dim() > 1 else -1
             if rank_a != rank_b or (is_lora and rank_a not in ranks):
                 bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, r={config.get('r')})")
     if unpaired:
-        problems.append(f"{len(unpaired)} LoRA matrix(es) lack their partner: {_listed(unpaired)}")
+        problems.append(f"{len(unpaired)} LoRA matrix(es) lack their partner: {listed(unpaired)}")
     if bad_rank:
         problems.append(
-            f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with r or each other: {_listed(bad_rank)}"
+            f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with r or each other: {listed(bad_rank)}"
         )
 
     if expected_shapes is not None:
@@ -185,11 +182,11 @@ def check_adapter_tensors(
             if tuple(tensors[k].shape) != tuple(expected_shapes[k])
         ]
         if missing:
-            problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {_listed(missing)}")
+            problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {listed(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {_listed(unexpected)}")
+            problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {listed(unexpected)}")
         if wrong:
-            problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {_listed(wrong)}")
+            problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
     return problems
 
 
@@ -198,7 +195,7 @@ def inspect_adapter(
 ) -> AdapterSummary:
     """Read an adapter directory and report what it holds and every problem found; never raises for bad content.
 
-    Example:
+    Examples:
         >>> summary = inspect_adapter("out/lora_adapters")  # doctest: +SKIP
         >>> summary.ok or summary.problems  # doctest: +SKIP
         True
@@ -226,9 +223,9 @@ def inspect_adapter(
 def verify_adapter(
     directory: str | Path, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> AdapterSummary:
-    """Like :func:`inspect_adapter`, but raise :class:`AdapterVerificationError` listing every problem.
+    """Like `inspect_adapter`, but raise `AdapterVerificationError` listing every problem.
 
-    Example:
+    Examples:
         >>> verify_adapter("out/checkpoint-4/lora_adapters").num_tensors  # doctest: +SKIP
         8
     """
@@ -241,7 +238,7 @@ def verify_adapter(
 def human_size(num_bytes: float) -> str:
     """``1536`` -> ``'1.5 KiB'``.
 
-    Example:
+    Examples:
         >>> human_size(1536)
         '1.5 KiB'
     """
@@ -252,11 +249,152 @@ def human_size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TiB"  # pragma: no cover
 
 
+# Added for `higgs-trainer verify`: which adapter directories a path stands for, and a check of an
+# adapter's modules against a base model (built on the meta device, so no weights are loaded).
+
+
+def _step(checkpoint: Path) -> tuple[int, str]:
+    suffix = checkpoint.name.rsplit("-", 1)[-1]
+    return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
+
+
+def adapter_dirs_of(path: str | Path) -> list[Path]:
+    """The adapter directories ``path`` stands for: itself, a checkpoint's ``lora_adapters``, or a run's final and every ``checkpoint-*``.
+
+    A checkpoint that holds full weights but no ``lora_adapters`` still yields its (missing)
+    ``lora_adapters`` path, so the check reports it. Raises `AdapterVerificationError` when
+    ``path`` is none of these.
+
+    Examples:
+        >>> [str(p) for p in adapter_dirs_of("out")]  # doctest: +SKIP
+        ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterVerificationError(f"{path} is not a directory")
+    if any((path / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)):
+        return _with_named_adapters(path)
+    own = path / ADAPTER_DIRNAME
+    has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
+    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
+    if not has_own and not checkpoints:
+        raise AdapterVerificationError(
+            f"{path} is not an adapter, checkpoint or run directory: no {CONFIG_NAME}, no {ADAPTER_DIRNAME}/, "
+            "no model weights, no checkpoint-*/"
+        )
+    return [
+        d
+        for a in ([own] if has_own else []) + [c / ADAPTER_DIRNAME for c in checkpoints]
+        for d in _with_named_adapters(a)
+    ]
+
+
+def _with_named_adapters(directory: Path) -> list[Path]:
+    """``directory`` and the subdirectories peft writes for adapters not named ``default``."""
+    if not directory.is_dir():
+        return [directory]
+    named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
+    top = not named or any((directory / n).is_file() for n in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
+    return ([directory] if top else []) + named
+
+
+def _features(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(input size, output size) a LoRA pair on ``module`` must have, for the layer types that say so."""
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # transformers' GPT-2 layer
+        return tuple(module.weight.shape)  # (in, out)
+    return None
+
+
+def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
+    """Problems of an adapter's LoRA tensors against the modules of the base ``model`` (which may be on the meta device).
+
+    Every LoRA module must exist in ``model`` (otherwise ``PeftModel.from_pretrained`` only warns
+    and a merge changes nothing there) and its matrices must fit the layer's input and output sizes.
+
+    Examples:
+        >>> check_adapter_modules({"base_model.model.nope.lora_A.weight": torch.zeros(2, 4)}, torch.nn.Linear(4, 4))
+        ["1 LoRA module(s) are not in the base model (PeftModel.from_pretrained would only warn; a merge would change nothing there): 'nope'"]
+    """
+    modules = dict(model.named_modules())
+    absent, misfit = [], []
+    for key, tensor in tensors.items():
+        split = _lora_part(key)
+        if split is None or not split[0].startswith(PEFT_KEY_PREFIX[:-1]):
+            continue
+        module_path, part, rest = split
+        module_path = module_path[len(PEFT_KEY_PREFIX) :]
+        if rest and rest[0] == "bias":
+            continue
+        module = modules.get(module_path)
+        if module is None:
+            if module_path not in absent:
+                absent.append(module_path)
+            continue
+        features = _features(module)
+        if features is None or tensor.dim() < 2:
+            continue
+        if part in LORA_PAIRS and tensor.shape[1] != features[0]:
+            misfit.append(f"{module_path} ({part} {tuple(tensor.shape)} vs input size {features[0]})")
+        elif part not in LORA_PAIRS and tensor.shape[0] != features[1]:
+            misfit.append(f"{module_path} ({part} {tuple(tensor.shape)} vs output size {features[1]})")
+    problems = []
+    if absent:
+        problems.append(
+            f"{len(absent)} LoRA module(s) are not in the base model (PeftModel.from_pretrained would only warn; "
+            f"a merge would change nothing there): {listed(absent)}"
+        )
+    if misfit:
+        problems.append(f"{len(misfit)} LoRA matrix(es) do not fit the base model's layers: {listed(misfit)}")
+    return problems
+
+
+def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) -> list[AdapterSummary]:
+    """`inspect_adapter` on every adapter directory ``path`` stands for (see `adapter_dirs_of`).
+
+    With ``base_model`` (built on the meta device from the base's config), also checks that the
+    adapter's modules exist in it with matching sizes. Never raises for bad content: each problem
+    is in a summary.
+
+    Examples:
+        >>> [s.ok for s in inspect_path("out")]  # doctest: +SKIP
+        [True, True, True]
+    """
+    try:
+        directories = adapter_dirs_of(path)
+    except AdapterVerificationError as exc:
+        return [AdapterSummary(path=str(path), problems=[str(exc)])]
+    summaries = []
+    for directory in directories:
+        if not directory.exists():
+            summaries.append(
+                AdapterSummary(
+                    path=str(directory),
+                    problems=[
+                        f"{directory.parent} has full weights but no {directory.name}/ (saved without an adapter); "
+                        f"rescue it with `higgs-trainer extract {directory.parent} --output DIR`"
+                    ],
+                )
+            )
+            continue
+        summary = inspect_adapter(directory)
+        if base_model is not None and summary.num_tensors:
+            summary.problems.extend(check_adapter_modules(read_adapter_tensors(directory), base_model))
+        summaries.append(summary)
+    return summaries
+
+
 __all__ = [
     "AdapterSummary",
+    "adapter_dirs_of",
+    "check_adapter_modules",
     "check_adapter_tensors",
     "human_size",
     "inspect_adapter",
+    "inspect_path",
     "read_adapter_config",
     "read_adapter_tensors",
     "verify_adapter",

@@ -1,0 +1,570 @@
+"""Read a training checkpoint's full weights lazily, and find the LoRA adapter inside them.
+
+``Trainer`` saves a plain ``nn.Module`` wrapper as its whole state dict (``model.safetensors``,
+sharded ``model-*.safetensors`` with an index, or ``pytorch_model.bin``), with the LoRA tensors
+under a wrapper prefix: ``model.base_model.model.<module>.lora_A.default.weight``. Only the
+safetensors headers are read to find them (a pickle is memory-mapped, with ``weights_only=True``),
+and only the LoRA tensors are copied out, so memory and time follow the adapter, not the checkpoint.
+
+``lora_alpha`` is not in the weights: `find_lora_settings` takes it from the caller or from
+files the run saved, and refuses rather than guess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .discovery import canonical_name
+from .errors import CheckpointError, HiggsTrainerError, UsageError, first_line, listed
+from .names import (
+    ADAPTER_DIRNAME,
+    CONFIG_NAME,
+    LORA_PAIRS,
+    PEFT_KEY_PREFIX,
+    PICKLE_INDEX,
+    PICKLE_NAME,
+    PICKLE_WEIGHTS,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    SAFETENSORS_NAME,
+)
+
+logger = logging.getLogger(__name__)
+
+# Where a run may have written lora_alpha, relative to the checkpoint and to its parent (the run directory).
+_ALPHA_FILES = (f"{ADAPTER_DIRNAME}/{CONFIG_NAME}", CONFIG_NAME, "training_args.json", "args.json", "training_args.bin")
+_LORA_KEY = re.compile(
+    r"^(?P<prefix>(?:[^.]+\.)*?)base_model\.model\.(?P<module>.+?)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.(?P<adapter>[^.]+)(?P<param>\.weight|\.bias)?$"
+)
+
+
+def progress_bar(total: int, desc: str, unit: str = "tensor") -> tqdm:
+    """A tqdm progress bar on stderr that stays quiet when stderr is not a terminal.
+
+    Examples:
+        >>> with progress_bar(3, "reading") as bar:
+        ...     _ = bar.update(3)
+    """
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
+
+
+# paths
+
+
+def existing_directory(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a ``Path``; `UsageError` when it does not exist or is not a directory.
+
+    Examples:
+        >>> existing_directory("/", "base model")
+        PosixPath('/')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path} is a file; pass the directory that holds it")
+    return path
+
+
+def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
+
+    Examples:
+        >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
+        PosixPath('/tmp/does-not-exist-yet')
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output {path} exists and is a file")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
+    return path
+
+
+# reading weights
+
+
+class CheckpointWeights:
+    """The tensors of a checkpoint's full weights, read only when asked for.
+
+    Opens ``model.safetensors``, a sharded safetensors index, ``pytorch_model.bin`` or a sharded
+    pickle index. Keys and shapes come from the safetensors headers; pickles are loaded with
+    ``torch.load(weights_only=True, mmap=True)``, so nothing is copied until `read`.
+
+    Examples:
+        >>> with CheckpointWeights("out/checkpoint-500") as weights:  # doctest: +SKIP
+        ...     lora = weights.read([k for k in weights.shapes if ".lora_" in k])
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files = _weight_files(self.directory)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._file_of: dict[str, Path] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in self.files:
+            for key, shape in self._read_shapes(file).items():
+                self.shapes[key] = shape
+                self._file_of[key] = file
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes on disk of the weight files."""
+        return sum(f.stat().st_size for f in self.files)
+
+    def _read_shapes(self, file: Path) -> dict[str, tuple[int, ...]]:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as reader:
+                    return {key: tuple(reader.get_slice(key).get_shape()) for key in reader.keys()}
+            except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+                raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {first_line(exc)}") from exc
+        state = _load_pickle(file)
+        self._pickles[file] = state
+        return {key: tuple(value.shape) for key, value in state.items()}
+
+    def read(self, keys: Iterable[str], desc: str = "reading LoRA tensors") -> dict[str, torch.Tensor]:
+        """Copies of the tensors under ``keys``, each file opened once.
+
+        Examples:
+            >>> weights.read(["model.base_model.model.lm_head.weight"])  # doctest: +SKIP
+            {'model.base_model.model.lm_head.weight': tensor(...)}
+        """
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self._file_of[key]].append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        with progress_bar(sum(len(v) for v in by_file.values()), desc) as bar:
+            for file, file_keys in by_file.items():
+                if file in self._pickles:
+                    for key in file_keys:
+                        tensors[key] = self._pickles[file][key].clone()  # out of the memory map
+                        bar.update()
+                    continue
+                try:
+                    with safe_open(str(file), framework="pt", device="cpu") as reader:
+                        for key in file_keys:
+                            tensors[key] = reader.get_tensor(key)
+                            bar.update()
+                except Exception as exc:
+                    raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {first_line(exc)}") from exc
+        return tensors
+
+    def close(self) -> None:
+        """Release the memory maps of pickled weights."""
+        self._pickles.clear()
+
+    def __enter__(self) -> CheckpointWeights:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The full-weight files of a checkpoint directory, or a clear error saying why there are none."""
+    for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (PICKLE_INDEX, PICKLE_WEIGHTS)):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
+            missing = [n for n in names if not (directory / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names {len(missing)} shard(s) that are missing: {listed(missing)}")
+            return [directory / n for n in names]
+        if (directory / single).is_file():
+            return [directory / single]
+    if (directory / SAFETENSORS_NAME).is_file() or (directory / PICKLE_NAME).is_file():
+        raise CheckpointError(
+            f"{directory} holds an adapter ({SAFETENSORS_NAME}), not full weights: nothing to extract; "
+            "check it with `higgs-trainer verify`"
+        )
+    checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if p.is_dir())
+    if checkpoints:
+        raise CheckpointError(
+            f"{directory} is a run directory without full weights of its own; pass one of its checkpoints: "
+            f"{listed(checkpoints)}"
+        )
+    if (directory / ADAPTER_DIRNAME).is_dir():
+        raise CheckpointError(
+            f"{directory} holds only {ADAPTER_DIRNAME}/ (an adapter-only checkpoint): nothing to extract; "
+            f"use {directory / ADAPTER_DIRNAME}"
+        )
+    raise CheckpointError(
+        f"{directory} is not a checkpoint: none of {SAFE_WEIGHTS}, {SAFE_INDEX}, {PICKLE_WEIGHTS}, {PICKLE_INDEX}"
+    )
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, memory-mapped, with ``weights_only=True``: a malicious pickle runs nothing."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise CheckpointError(f"cannot read {file} safely (or it is corrupt): {first_line(exc)}") from exc
+        logger.warning("%s is in torch's legacy format, which cannot be memory-mapped: loading all of it", file)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc2:
+            raise CheckpointError(f"cannot read {file} safely (or it is corrupt): {first_line(exc2)}") from exc2
+    except Exception as exc:  # UnpicklingError for refused globals, EOFError/zip errors for truncated files
+        raise CheckpointError(f"cannot read {file} safely (or it is corrupt): {first_line(exc)}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold a flat dict of tensors")
+    return state
+
+
+# finding the adapter in the keys
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where a PEFT component's LoRA tensors sit in a full checkpoint, and what they imply.
+
+    ``keys`` maps checkpoint keys to adapter-file keys (``base_model.model.<module>.lora_A.weight``);
+    ``r`` is the most common rank, ``rank_pattern`` the modules with another one;
+    ``target_modules`` reproduces exactly the LoRA modules found (leaf names when those are exact
+    in this model, otherwise a full-match regex of the module paths).
+
+    Examples:
+        >>> layout = find_lora_layout(weights.shapes)  # doctest: +SKIP
+        >>> layout.prefix, layout.r, layout.target_modules  # doctest: +SKIP
+        ('model.', 4, ['q_proj', 'v_proj'])
+    """
+
+    prefix: str
+    adapter_name: str
+    keys: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    modules: tuple[str, ...]
+    other_modules: frozenset[str]
+    r: int
+    rank_pattern: dict[str, int]
+    target_modules: list[str] | str
+    lora_bias: bool
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters in the LoRA tensors."""
+        return sum(torch.Size(shape).numel() for shape in self.shapes.values())
+
+
+def _module_of(path: str) -> str:
+    """``layers.0.q_proj.base_layer.weight`` -> ``layers.0.q_proj``: the module a parameter of a LoRA model belongs to."""
+    parts = path.split(".")[:-1]
+    for i, part in enumerate(parts):
+        if part == "base_layer" or part.startswith("lora_") or part == "modules_to_save":
+            return ".".join(parts[:i])
+    return ".".join(parts)
+
+
+def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None = None) -> LoraLayout:
+    """Find the LoRA tensors among a checkpoint's keys and infer prefix, modules, ``r`` and targets from keys and shapes.
+
+    ``prefix`` (e.g. ``"model.text_model."``) chooses when the checkpoint holds LoRA tensors of
+    several PEFT components. Raises `CheckpointError` for checkpoints without LoRA tensors,
+    unpaired or empty matrices and layouts extract does not handle (DoRA, ``modules_to_save``).
+
+    Examples:
+        >>> find_lora_layout({
+        ...     "model.base_model.model.q.lora_A.default.weight": (4, 8),
+        ...     "model.base_model.model.q.lora_B.default.weight": (8, 4),
+        ...     "model.base_model.model.q.base_layer.weight": (8, 8),
+        ... }).keys
+        {'model.base_model.model.q.lora_A.default.weight': 'base_model.model.q.lora_A.weight', 'model.base_model.model.q.lora_B.default.weight': 'base_model.model.q.lora_B.weight'}
+    """
+    matches: dict[tuple[str, str], dict[str, re.Match]] = defaultdict(dict)
+    odd = []
+    for key in shapes:
+        name = canonical_name(key)
+        match = _LORA_KEY.match(name)
+        if match:
+            matches[(match["prefix"], match["adapter"])][key] = match
+        elif any(part.startswith("lora_") for part in name.split(".")):
+            odd.append(key)
+    if odd:
+        raise CheckpointError(
+            f"{len(odd)} LoRA-like key(s) that are not lora_A/lora_B weights (DoRA magnitude vectors and other "
+            f"LoRA variants are not supported by extract): {listed(odd)}"
+        )
+    if not matches:
+        raise CheckpointError(
+            f"no LoRA tensors among the checkpoint's {len(shapes)} keys (no '...base_model.model.<module>.lora_A.<adapter>' "
+            "key): it was not trained with LoRA, or the adapter was merged before saving"
+        )
+    prefixes = sorted({p for p, _ in matches})
+    if prefix is not None:
+        wanted = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        if wanted not in prefixes:
+            raise UsageError(f"no LoRA tensors under prefix {wanted!r}; found under: {listed(prefixes)}")
+        prefixes = [wanted]
+    if len(prefixes) > 1:
+        raise UsageError(f"LoRA tensors under {len(prefixes)} prefixes ({listed(prefixes)}); choose one with --prefix")
+    chosen = prefixes[0]
+    adapters = sorted(a for p, a in matches if p == chosen)
+    if len(adapters) > 1:
+        raise CheckpointError(
+            f"{len(adapters)} adapters under prefix {chosen!r} ({listed(adapters)}); extract handles one"
+        )
+    adapter = adapters[0]
+    section = chosen + PEFT_KEY_PREFIX
+    extra = [k for k in shapes if canonical_name(k).startswith(section) and ".modules_to_save." in canonical_name(k)]
+    if extra:
+        raise CheckpointError(f"modules_to_save tensors are not supported by extract: {listed(extra)}")
+
+    keys: dict[str, str] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    lora_bias = False
+    for key, match in sorted(matches[(chosen, adapter)].items()):
+        module, part, param = match["module"], match["part"], match["param"] or ""
+        target = f"{PEFT_KEY_PREFIX}{module}.{part}{param}"
+        keys[key] = target
+        out_shapes[target] = tuple(shapes[key])
+        if param == ".bias":
+            lora_bias = True
+        else:
+            parts[module][part] = tuple(shapes[key])
+
+    unpaired, empty, bad_rank = [], [], []
+    ranks: dict[str, int] = {}
+    for module, found in sorted(parts.items()):
+        for a_part, b_part in LORA_PAIRS.items():
+            a, b = found.get(a_part), found.get(b_part)
+            if a is None and b is None:
+                continue
+            if a is None or b is None:
+                unpaired.append(f"{module}.{a_part if a is None else b_part}")
+                continue
+            if 0 in a or 0 in b:
+                empty.append(f"{module} (A {a}, B {b})")
+            elif len(b) < 2 or a[0] != b[1]:
+                bad_rank.append(f"{module} (A {a}, B {b})")
+            else:
+                ranks[module] = a[0]
+    if unpaired:
+        raise CheckpointError(f"{len(unpaired)} LoRA matrix(es) are missing from the checkpoint: {listed(unpaired)}")
+    if empty:
+        raise CheckpointError(
+            f"{len(empty)} LoRA pair(s) hold empty tensors (partitioned ZeRO-3 save?): {listed(empty)}"
+        )
+    if bad_rank:
+        raise CheckpointError(f"{len(bad_rank)} LoRA pair(s) have ranks that disagree: {listed(bad_rank)}")
+    r = sorted(Counter(ranks.values()).items(), key=lambda item: (-item[1], -item[0]))[0][0]
+    rank_pattern = {module: rank for module, rank in ranks.items() if rank != r}
+
+    modules = tuple(sorted(ranks))
+    all_modules = {
+        _module_of(canonical_name(k)[len(section) :]) for k in shapes if canonical_name(k).startswith(section)
+    }
+    others = frozenset(all_modules - set(modules))
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    if any(m.rsplit(".", 1)[-1] in leaves for m in others):
+        # a leaf name also names modules without LoRA: only the exact paths reproduce the targets
+        target_modules: list[str] | str = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    else:
+        target_modules = sorted(leaves)
+    return LoraLayout(
+        prefix=chosen,
+        adapter_name=adapter,
+        keys=keys,
+        shapes=out_shapes,
+        modules=modules,
+        other_modules=others,
+        r=r,
+        rank_pattern=rank_pattern,
+        target_modules=target_modules,
+        lora_bias=lora_bias,
+    )
+
+
+# lora_alpha and the rest of the adapter config
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """``lora_alpha`` and where it came from; ``config`` is a whole adapter config when the source was one.
+
+    Examples:
+        >>> find_lora_settings("out/checkpoint-500", lora_alpha=32)
+        LoraSettings(lora_alpha=32.0, source='--lora-alpha', config=None)
+    """
+
+    lora_alpha: float
+    source: str
+    config: dict | None = None
+
+
+def read_lora_config_file(path: str | os.PathLike) -> dict:
+    """A LoRA adapter config from ``path`` (an ``adapter_config.json`` or a directory holding one).
+
+    Examples:
+        >>> read_lora_config_file("out/lora_adapters")["lora_alpha"]  # doctest: +SKIP
+        32
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise UsageError(f"adapter config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path} has peft_type {config.get('peft_type')!r}, not 'LORA'")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        raise CheckpointError(f"{path} has no numeric lora_alpha")
+    return config
+
+
+class _Stub:
+    """Stands in for every class and function named in a pickle: records arguments and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub(*args)
+
+
+class _StubUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Stub,), {})  # never imports or calls anything real
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # tensor storages: not needed
+
+
+def pickled_attributes(path: str | os.PathLike) -> dict:
+    """The attributes of the object (or the dict) in a ``torch.save`` file (``training_args.bin``), read without running it.
+
+    Every class the pickle names is replaced by an inert stand-in, so nothing is imported or
+    executed; only plain values (numbers, strings, containers) come back. Returns ``{}`` for
+    anything else.
+
+    Examples:
+        >>> pickled_attributes("out/checkpoint-500/training_args.bin")["learning_rate"]  # doctest: +SKIP
+        0.0001
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > 10_000_000:
+                return {}
+            obj = _StubUnpickler(io.BytesIO(archive.read(names[0]))).load()
+    except Exception as exc:  # not a zip, truncated, odd opcodes: no attributes to be had
+        logger.debug("cannot read attributes from %s: %s", path, exc)
+        return {}
+    state = obj if isinstance(obj, dict) else getattr(obj, "state", None)
+    if isinstance(state, tuple):  # (dict, slots) for classes with __slots__
+        state = next((s for s in state if isinstance(s, dict)), None)
+    return state if isinstance(state, dict) else {}
+
+
+def _alpha_in(path: Path) -> tuple[float, dict | None] | None:
+    """``(lora_alpha, adapter config or None)`` if the file at ``path`` records one."""
+    if path.name == CONFIG_NAME:
+        try:
+            config = read_lora_config_file(path)
+        except HiggsTrainerError as exc:
+            logger.info("ignoring %s: %s", path, exc)
+            return None
+        return float(config["lora_alpha"]), config
+    if path.suffix == ".bin":
+        values = pickled_attributes(path)
+    else:
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    alpha = values.get("lora_alpha") if isinstance(values, dict) else None
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        return float(alpha), None
+    return None
+
+
+def find_lora_settings(
+    checkpoint: str | os.PathLike,
+    lora_alpha: float | None = None,
+    adapter_config: str | os.PathLike | None = None,
+) -> LoraSettings:
+    """Decide ``lora_alpha`` for an adapter rescued from ``checkpoint``; never guess.
+
+    In order: ``adapter_config`` (a whole LoRA config; ``lora_alpha``, if also given, must agree),
+    ``lora_alpha``, then what the run saved, in the checkpoint and then in its parent (the run
+    directory): ``lora_adapters/adapter_config.json``, ``adapter_config.json``,
+    ``training_args.json`` / ``args.json`` with a top-level ``lora_alpha``, and the attributes of
+    ``training_args.bin`` (a ``TrainingArguments`` subclass with a ``lora_alpha`` field), read
+    without unpickling anything. Otherwise raises `UsageError`.
+
+    Examples:
+        >>> find_lora_settings("out/checkpoint-500", adapter_config="old_run/adapter_config.json").source  # doctest: +SKIP
+        'old_run/adapter_config.json'
+    """
+    if adapter_config is not None:
+        config = read_lora_config_file(adapter_config)
+        alpha = float(config["lora_alpha"])
+        if lora_alpha is not None and float(lora_alpha) != alpha:
+            raise UsageError(f"--lora-alpha {lora_alpha} disagrees with lora_alpha {alpha} in {adapter_config}")
+        return LoraSettings(alpha, str(adapter_config), config)
+    if lora_alpha is not None:
+        if not lora_alpha > 0:
+            raise UsageError(f"--lora-alpha must be positive, got {lora_alpha}")
+        return LoraSettings(float(lora_alpha), "--lora-alpha")
+    checkpoint = Path(checkpoint)
+    directories = [checkpoint]
+    if checkpoint.resolve().name.startswith("checkpoint-"):
+        directories.append(checkpoint.resolve().parent)  # the run directory
+    for directory in directories:
+        for name in _ALPHA_FILES:
+            path = directory / name
+            if path.is_file():
+                found = _alpha_in(path)
+                if found is not None:
+                    logger.info("lora_alpha %s taken from %s", found[0], path)
+                    return LoraSettings(found[0], str(path), found[1])
+    raise UsageError(
+        f"lora_alpha cannot be inferred from the weights and the run did not record it (looked for "
+        f"{', '.join(_ALPHA_FILES)} in {' and '.join(str(d) for d in directories)}); pass --lora-alpha A with the value used in "
+        "training, or --adapter-config FILE"
+    )
+
+
+__all__ = [
+    "CheckpointWeights",
+    "LoraLayout",
+    "LoraSettings",
+    "existing_directory",
+    "find_lora_layout",
+    "find_lora_settings",
+    "output_directory",
+    "pickled_attributes",
+    "progress_bar",
+    "read_lora_config_file",
+]

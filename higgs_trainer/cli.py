@@ -1,0 +1,266 @@
+"""The ``higgs-trainer`` command line: ``verify``, ``extract`` and ``merge``.
+
+Each subcommand calls one library function (`verification.inspect_path`,
+`extraction.extract_adapter`, `merging.merge_adapter`) and prints what it did on
+stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
+error), 2 usage error. Errors are one line on stderr; ``--debug`` adds the traceback.
+
+Examples:
+    >>> main(["verify", "out"])  # doctest: +SKIP
+    PASS out/lora_adapters: 8 tensors, 1,792 parameters, 7.0 KiB; r=4, lora_alpha=8; targets q_proj, v_proj
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import transformers
+
+from . import __version__
+from .checkpoint import existing_directory
+from .errors import HiggsTrainerError, UsageError, first_line
+from .extraction import extract_adapter
+from .merging import DTYPES, empty_base_model, merge_adapter
+from .verification import AdapterSummary, human_size, inspect_path
+
+PROG = "higgs-trainer"
+
+
+class _ArgumentError(Exception):
+    """A command line argparse rejects; main() turns it into one line and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints the whole usage and exits; one line is enough
+        raise _ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``higgs-trainer`` and its three subcommands.
+
+    Examples:
+        >>> build_parser().parse_args(["extract", "ckpt", "--output", "out", "--lora-alpha", "32"]).lora_alpha
+        32.0
+    """
+    parser = _Parser(prog=PROG, description="Verify, rescue and merge LoRA adapters of Higgs Audio (or any PEFT) runs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO) on stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug logging and tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log steps on stderr")
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check adapter, checkpoint or run directories by their content",
+        description="Check every adapter PATH stands for: an adapter directory, a checkpoint's lora_adapters, or a "
+        "run's final lora_adapters and every checkpoint-*. Exit 0 when all pass, 1 when any fails.",
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH")
+    verify.add_argument("--base", metavar="BASE_DIR", help="also check the adapters' modules against this base model")
+    verify.set_defaults(handler=_verify)
+
+    extract = commands.add_parser(
+        "extract",
+        parents=[common],
+        help="rescue the LoRA adapter from a full checkpoint written without one",
+        description="Read only the LoRA tensors of CHECKPOINT's full weights (model.safetensors, sharded "
+        "model-*.safetensors with an index, or pytorch_model.bin) and write a standard adapter directory.",
+    )
+    extract.add_argument("checkpoint", metavar="CHECKPOINT")
+    extract.add_argument("--output", "-o", required=True, metavar="DIR", help="adapter directory to write")
+    extract.add_argument("--lora-alpha", type=float, metavar="A", help="lora_alpha used in training")
+    extract.add_argument("--adapter-config", metavar="FILE", help="the run's adapter_config.json (or its directory)")
+    extract.add_argument("--prefix", help="wrapper prefix to take, when several PEFT components hold LoRA tensors")
+    extract.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    extract.set_defaults(handler=_extract)
+
+    merge = commands.add_parser(
+        "merge",
+        parents=[common],
+        help="merge an adapter into its base model and save the merged model",
+        description="Load BASE_DIR (HiggsAudioModel for a higgs_audio config), apply the adapter, check every "
+        "adapter tensor landed, merge, and save in safetensors with the base's tokenizer files.",
+    )
+    merge.add_argument("--base", required=True, metavar="BASE_DIR", help="the base model directory")
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="adapter (or checkpoint) directory")
+    merge.add_argument("--output", "-o", required=True, metavar="OUT", help="directory for the merged model")
+    merge.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the base's own)")
+    merge.add_argument("--compare", action="store_true", help="compare base, adapter and merged logits on a probe")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    merge.set_defaults(handler=_merge)
+    return parser
+
+
+# the subcommands
+
+
+def _summary_line(summary: AdapterSummary) -> str:
+    if not summary.ok:
+        return f"FAIL {summary.path}"
+    targets = ", ".join(summary.target_modules)
+    return (
+        f"PASS {summary.path}: {summary.num_tensors} tensors, {summary.num_parameters:,} parameters, "
+        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}"
+    )
+
+
+def _verify(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        if not Path(path).exists():
+            raise UsageError(f"{path} does not exist")
+    base_model = empty_base_model(existing_directory(args.base, "base model")) if args.base else None
+    summaries = [summary for path in args.paths for summary in inspect_path(path, base_model)]
+    failed = [s for s in summaries if not s.ok]
+    if args.json:
+        results = [dict(asdict(s), ok=s.ok) for s in summaries]
+        print(json.dumps({"ok": not failed, "base": args.base, "results": results}, indent=2))
+    else:
+        for summary in summaries:
+            print(_summary_line(summary))
+            for problem in summary.problems:
+                print(f"  - {problem}")
+        print(f"{len(summaries) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        print(f"{PROG} verify: {len(failed)} of {len(summaries)} adapter(s) failed verification", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    result = extract_adapter(
+        args.checkpoint,
+        args.output,
+        lora_alpha=args.lora_alpha,
+        adapter_config=args.adapter_config,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
+    )
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    targets = result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
+    print(
+        f"Extracted {result.num_tensors} LoRA tensors ({result.num_parameters:,} parameters, "
+        f"{human_size(result.num_bytes)}) from {result.checkpoint} (prefix {result.prefix!r}, "
+        f"{human_size(result.checkpoint_bytes)} of weights) into {result.path} in {result.seconds:.2f} s"
+    )
+    print(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
+    print(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    result = merge_adapter(
+        args.base, args.adapter, args.output, dtype=args.dtype, compare=args.compare, overwrite=args.overwrite
+    )
+    comparison = result.compare
+    if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
+        logging.getLogger(__name__).warning("the merge changed no logit on the probe: is the adapter trained?")
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    print(
+        f"Merged {result.adapter} ({result.merged_modules} LoRA modules) into {result.base} ({result.model_class}, "
+        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s"
+    )
+    if comparison:
+        base, adapter = comparison["base_vs_merged"], comparison["adapter_vs_merged"]
+        print(
+            f"  logits on a {comparison['probe_tokens']}-token probe: base vs merged max |diff| {base['max_abs']:.4g} "
+            f"(mean {base['mean_abs']:.4g}); adapter vs merged max |diff| {adapter['max_abs']:.4g}"
+        )
+    return 0
+
+
+# running
+
+
+@contextlib.contextmanager
+def _console(verbose: bool, debug: bool) -> Iterator[None]:
+    """Logging to stderr for the run (WARNING, INFO with --verbose, DEBUG with --debug); library chatter off."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
+    package = logging.getLogger("higgs_trainer")
+    old_level = package.level
+    package.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    package.addHandler(handler)
+    old_verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not (verbose or debug):
+        transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            if not (verbose or debug):
+                warnings.simplefilter("ignore")  # what matters is checked and reported as errors
+            yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(old_level)
+        transformers.logging.set_verbosity(old_verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _fail(command: str, exc: BaseException, status: int, debug: bool, unexpected: bool = False) -> int:
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message = first_line(exc)
+    if unexpected:
+        message = f"unexpected {type(exc).__name__}: {message}" + (
+            "" if debug else " (rerun with --debug for the traceback)"
+        )
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``higgs-trainer`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Examples:
+        >>> main(["extract", "missing-dir", "--output", "out", "--lora-alpha", "32"])  # doctest: +SKIP
+        2
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: name a command: verify, extract or merge", file=sys.stderr)
+        return 2
+    with _console(args.verbose, args.debug):
+        try:
+            return args.handler(args)
+        except UsageError as exc:
+            return _fail(args.command, exc, 2, args.debug)
+        except (HiggsTrainerError, OSError) as exc:
+            return _fail(args.command, exc, 1, args.debug)
+        except KeyboardInterrupt:
+            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            return _fail(args.command, exc, 1, args.debug, unexpected=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

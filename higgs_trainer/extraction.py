@@ -1,0 +1,177 @@
+"""Rescue a LoRA adapter from a full checkpoint written without one (``higgs-trainer extract``).
+
+Runs made with plain ``Trainer`` on a wrapper saved ``checkpoint-N/model.safetensors`` (the whole
+wrapper state dict) and no adapter. Here the LoRA tensors are read from it lazily
+(``checkpoint.CheckpointWeights``), renamed to the keys ``PeftModel.from_pretrained`` expects,
+written with a ``peft.LoraConfig`` into a staging directory, verified, and renamed into place
+(``atomic.staged_directory``). The model is never built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors.torch import save_file
+
+from .atomic import staged_directory
+from .checkpoint import (
+    CheckpointWeights,
+    LoraLayout,
+    LoraSettings,
+    existing_directory,
+    find_lora_layout,
+    find_lora_settings,
+    output_directory,
+)
+from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
+from .names import SAFETENSORS_NAME
+from .verification import human_size, verify_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractedAdapter:
+    """What `extract_adapter` wrote, and what it inferred.
+
+    Examples:
+        >>> result = extract_adapter("old_run/checkpoint-500", "rescued", lora_alpha=32)  # doctest: +SKIP
+        >>> result.prefix, result.r, result.lora_alpha, result.alpha_source  # doctest: +SKIP
+        ('model.', 16, 32.0, '--lora-alpha')
+    """
+
+    path: str
+    checkpoint: str
+    prefix: str
+    r: int
+    lora_alpha: float
+    alpha_source: str
+    target_modules: list[str] | str
+    num_tensors: int
+    num_parameters: int
+    num_bytes: int
+    checkpoint_bytes: int
+    seconds: float
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+
+def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
+    """The ``LoraConfig`` to write: the run's own when one was found (checked against the tensors), else one built from the layout."""
+    if settings.config is None:
+        extra = {"lora_bias": True} if layout.lora_bias else {}
+        return LoraConfig(
+            r=layout.r,
+            lora_alpha=settings.lora_alpha,
+            target_modules=layout.target_modules,
+            rank_pattern=layout.rank_pattern,
+            lora_dropout=0.0,
+            bias="none",
+            inference_mode=True,
+            **extra,
+        )
+    try:
+        config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**settings.config))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the adapter config from {settings.source} is not a valid LoraConfig: {exc}") from exc
+    config.inference_mode = True
+    if config.target_modules != "all-linear":
+        untargeted = [m for m in layout.modules if not check_target_module_exists(config, m)]
+        extra = sorted(m for m in layout.other_modules if check_target_module_exists(config, m))
+        if untargeted or extra:
+            raise CheckpointError(
+                f"the adapter config from {settings.source} does not match the checkpoint's LoRA modules "
+                f"(not targeted: {listed(untargeted) or 'none'}; targeted but without LoRA tensors: {listed(extra) or 'none'}); "
+                "is it from another run?"
+            )
+    if not config.rank_pattern and (layout.r != config.r or layout.rank_pattern):
+        raise CheckpointError(
+            f"the adapter config from {settings.source} says r={config.r} but the checkpoint's LoRA tensors have "
+            f"rank {layout.r}{' (and others)' if layout.rank_pattern else ''}; is it from another run?"
+        )
+    return config
+
+
+def extract_adapter(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    lora_alpha: float | None = None,
+    adapter_config: str | os.PathLike | None = None,
+    prefix: str | None = None,
+    overwrite: bool = False,
+) -> ExtractedAdapter:
+    """Write the LoRA adapter held in a full checkpoint's weights as a standard adapter directory at ``output``.
+
+    Reads only the LoRA tensors (never the frozen base weights), infers the wrapper prefix, target
+    modules and ``r`` from keys and shapes, and takes ``lora_alpha`` as
+    `checkpoint.find_lora_settings` decides (refusing when it is unknown). The result loads
+    with ``PeftModel.from_pretrained(base, output)`` with no missing keys; it is verified before it
+    is moved into place, and nothing is left behind if anything fails.
+
+    Raises:
+        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``),
+            ``lora_alpha`` is unknown or contradicted, or ``prefix`` is needed.
+        CheckpointError: not a checkpoint, unreadable weights, no or broken LoRA tensors.
+        AdapterSaveError: writing failed (disk full); nothing was written.
+
+    Examples:
+        >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)  # doctest: +SKIP
+        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', prefix='model.', r=16, ...)
+    """
+    start = time.perf_counter()
+    checkpoint = existing_directory(checkpoint, "checkpoint")
+    output = output_directory(output, overwrite)
+    with CheckpointWeights(checkpoint) as weights:
+        layout = find_lora_layout(weights.shapes, prefix)
+        settings = find_lora_settings(checkpoint, lora_alpha, adapter_config)
+        config = _checked_config(layout, settings)
+        logger.info(
+            "Found %d LoRA tensors under prefix %r in %s (%s): r=%d, lora_alpha=%s from %s",
+            len(layout.keys),
+            layout.prefix,
+            checkpoint,
+            human_size(weights.num_bytes),
+            layout.r,
+            settings.lora_alpha,
+            settings.source,
+        )
+        tensors = {layout.keys[key]: value for key, value in weights.read(layout.keys).items()}
+        checkpoint_bytes = weights.num_bytes
+    tensors = {key: value.contiguous() for key, value in sorted(tensors.items())}
+    num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        with staged_directory(output) as staging:
+            save_file(tensors, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
+            tensors.clear()  # the verification reads the file back: one copy of the adapter in memory at a time
+            config.save_pretrained(str(staging))
+            summary = verify_adapter(staging, layout.shapes)
+    except AdapterVerificationError as exc:  # a bug here, not bad input: the tensors were checked above
+        raise AdapterVerificationError(f"{exc} (nothing written to {output})") from exc
+    except OSError as exc:
+        raise AdapterSaveError(f"writing the adapter to {output} failed: {first_line(exc)} (nothing written)") from exc
+    targets = config.target_modules
+    result = ExtractedAdapter(
+        path=str(output),
+        checkpoint=str(checkpoint),
+        prefix=layout.prefix,
+        r=layout.r,
+        lora_alpha=settings.lora_alpha,
+        alpha_source=settings.source,
+        target_modules=targets if isinstance(targets, str) else sorted(targets),
+        num_tensors=summary.num_tensors,
+        num_parameters=summary.num_parameters,
+        num_bytes=num_bytes,
+        checkpoint_bytes=checkpoint_bytes,
+        seconds=time.perf_counter() - start,
+        rank_pattern=dict(layout.rank_pattern),
+    )
+    logger.info("Wrote adapter to %s (%d tensors, %s)", output, result.num_tensors, human_size(result.num_bytes))
+    return result
+
+
+__all__ = ["ExtractedAdapter", "extract_adapter"]

@@ -1,0 +1,414 @@
+"""Merge a LoRA adapter into its base model and save the result (``higgs-trainer merge``).
+
+What the community ``merger.py`` does, done safely: the base loads in its own dtype (no float32
+upcast), through ``boson_multimodal``'s ``HiggsAudioModel`` for a ``higgs_audio`` config (imported
+only then) and through transformers otherwise; the adapter is checked against the base's modules
+before any weight is loaded and after it is applied (every adapter key must have landed);
+``merge_and_unload`` merges in place, so peak memory stays near one copy of the model; the result
+is written in safetensors into a staging directory and renamed into place with the base's
+tokenizer and generation config files and a ``merge_info.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+
+from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
+from .atomic import staged_directory
+from .checkpoint import existing_directory, output_directory
+from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, first_line
+from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .verification import (
+    check_adapter_modules,
+    human_size,
+    read_adapter_config,
+    read_adapter_tensors,
+    verify_adapter,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Files of the base copied next to the merged weights (tokenizer, generation and processor configs).
+SUPPORT_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+HIGGS_MODEL_TYPE = "higgs_audio"
+PROBE_TOKENS = 16
+
+
+@dataclass
+class MergeResult:
+    """What `merge_adapter` wrote.
+
+    Examples:
+        >>> result = merge_adapter("base", "out/lora_adapters", "merged")  # doctest: +SKIP
+        >>> result.model_class, result.dtype, result.merged_modules  # doctest: +SKIP
+        ('HiggsAudioModel', 'bfloat16', 196)
+    """
+
+    path: str
+    base: str
+    adapter: str
+    model_class: str
+    dtype: str
+    merged_modules: int
+    num_parameters: int
+    num_bytes: int
+    copied_files: list[str]
+    seconds: float
+    compare: dict | None = None
+
+
+# the base model
+
+
+def model_class_for(base_dir: str | os.PathLike) -> tuple[Any, type]:
+    """``(config, model class)`` for the model saved in ``base_dir``, from its ``config.json`` alone.
+
+    A ``higgs_audio`` config needs ``boson_multimodal`` (imported here, not before) for
+    ``HiggsAudioModel``; other model types use the class named in ``architectures`` or, failing
+    that, ``AutoModelForCausalLM`` / ``AutoModel``. Nothing is downloaded.
+
+    Examples:
+        >>> config, cls = model_class_for("base")  # doctest: +SKIP
+        >>> cls.__name__  # doctest: +SKIP
+        'HiggsAudioModel'
+    """
+    base_dir = Path(base_dir)
+    path = base_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{base_dir} is not a model directory: no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    if raw.get("model_type") == HIGGS_MODEL_TYPE:
+        try:
+            from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+        except ImportError as exc:
+            raise HiggsTrainerError(
+                f"{base_dir} is a higgs_audio model, which loads only through boson_multimodal's HiggsAudioModel, "
+                f"and boson_multimodal cannot be imported ({first_line(exc)}); install it, e.g. "
+                "`pip install --no-deps boson-multimodal`"
+            ) from exc
+        return HiggsAudioConfig.from_pretrained(str(base_dir), local_files_only=True), HiggsAudioModel
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"transformers {transformers.__version__} cannot read the config in {base_dir}: {first_line(exc)}"
+        ) from exc
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return config, cls
+    for mapping in (transformers.MODEL_FOR_CAUSAL_LM_MAPPING, transformers.MODEL_MAPPING):
+        try:
+            return config, mapping[type(config)]
+        except KeyError:
+            continue
+    raise CheckpointError(f"no transformers model class for {type(config).__name__} in {base_dir}")
+
+
+def empty_base_model(base_dir: str | os.PathLike) -> torch.nn.Module:
+    """The base model built from its config on the meta device: module names and shapes, no weights.
+
+    Examples:
+        >>> "layers.0.self_attn.q_proj" in dict(empty_base_model("base").named_modules())  # doctest: +SKIP
+        True
+    """
+    config, cls = model_class_for(base_dir)
+    with init_empty_weights():
+        return cls(config)
+
+
+def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load the base model's weights, in the dtype it was saved in unless ``dtype`` says otherwise.
+
+    Loads without first building randomly initialised weights, and refuses a checkpoint that
+    leaves any weight of the model uninitialised.
+
+    Examples:
+        >>> load_base_model("base").dtype  # doctest: +SKIP
+        torch.bfloat16
+    """
+    config, cls = model_class_for(base_dir)
+    kwargs = {"local_files_only": True, "output_loading_info": True, **from_pretrained_kwargs(dtype or "auto")}
+    try:
+        model, info = cls.from_pretrained(str(base_dir), config=config, **kwargs)
+    except Exception as exc:  # OSError for missing files, safetensors/RuntimeError for corrupt or mismatched ones
+        raise CheckpointError(f"cannot load the base model from {base_dir}: {first_line(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CheckpointError(
+            f"the weights in {base_dir} leave {len(missing)} parameter(s) of {cls.__name__} uninitialised "
+            f"(e.g. {missing[:3]}); not merging into random weights"
+        )
+    model.eval()
+    return model
+
+
+# checks
+
+
+def _check_applied(peft_model: PeftModel, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    """Every tensor of the adapter file landed in a LoRA module, and every LoRA module got one."""
+    applied = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    unexpected, missing = sorted(set(tensors) - applied), sorted(applied - set(tensors))
+    if unexpected or missing:
+        raise AdapterVerificationError(
+            f"the adapter at {adapter_dir} does not fit the base model: {len(unexpected)} adapter tensor(s) matched no "
+            f"module {unexpected[:3]}, {len(missing)} LoRA module(s) got no tensor {missing[:3]}"
+        )
+
+
+def _check_finite(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The merged weights hold no NaN or inf (what peft's safe_merge checks, without its copy of every weight)."""
+    names = {key[len(PEFT_KEY_PREFIX) :].split(".lora_")[0] for key in tensors if ".lora_" in key}
+    modules = dict(model.named_modules())
+    broken = [n for n in sorted(names) if n in modules and not bool(torch.isfinite(modules[n].weight).all())]
+    if broken:
+        raise MergeError(
+            f"merged weights of {len(broken)} module(s) hold NaN or inf (adapter too large for the dtype?): {broken[:3]}"
+        )
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
+
+    Examples:
+        >>> resolve_adapter_dir("out/checkpoint-500")  # doctest: +SKIP
+        PosixPath('out/checkpoint-500/lora_adapters')
+    """
+    path = existing_directory(path, "adapter")
+    if not (path / CONFIG_NAME).is_file() and (path / ADAPTER_DIRNAME / CONFIG_NAME).is_file():
+        logger.info("Using the adapter in %s", path / ADAPTER_DIRNAME)
+        return path / ADAPTER_DIRNAME
+    return path
+
+
+# comparing logits
+
+
+def probe_inputs(config: Any, length: int = PROBE_TOKENS) -> dict[str, torch.Tensor]:
+    """A fixed batch of one random text sequence, avoiding the config's special (e.g. audio) token ids.
+
+    Examples:
+        >>> probe_inputs(transformers.LlamaConfig(vocab_size=100))["input_ids"].shape
+        torch.Size([1, 16])
+    """
+    text_config = getattr(config, "text_config", None) or config
+    vocab = int(getattr(text_config, "vocab_size", None) or getattr(config, "vocab_size", 2))
+    special = set()
+    for cfg in (config, text_config):
+        for name, value in vars(cfg).items():
+            if "token" in name and isinstance(value, int) and not isinstance(value, bool):
+                special.add(value)
+    allowed = torch.tensor([i for i in range(1, min(vocab, 32000)) if i not in special] or [0])
+    generator = torch.Generator().manual_seed(0)
+    ids = allowed[torch.randint(len(allowed), (1, length), generator=generator)]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    output = model(**probe)
+    logits = output["logits"] if isinstance(output, dict) else output.logits
+    return logits[:, : probe["input_ids"].shape[1]].float()
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    delta = (a - b).abs()
+    return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean())}
+
+
+# writing
+
+
+def _copy_support_files(base_dir: Path, directory: Path) -> list[str]:
+    copied = []
+    for pattern in SUPPORT_FILES:
+        for source in sorted(base_dir.glob(pattern)):
+            if source.is_file() and not source.name.endswith((".safetensors", ".bin", ".index.json")):
+                shutil.copy2(source, directory / source.name)
+                copied.append(source.name)
+    return sorted(set(copied))
+
+
+def _dtype_name(model: torch.nn.Module) -> str:
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    return str(max(counts, key=counts.get)).replace("torch.", "") if counts else "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import peft
+
+    from . import __version__
+
+    return {
+        "higgs_trainer": __version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def merge_adapter(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    compare: bool = False,
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merge the LoRA adapter at ``adapter`` into the model at ``base`` and save the merged model at ``output``.
+
+    ``dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype``) overrides the dtype the base
+    was saved in. With ``compare``, the logits of base, adapter and merged model on a probe input
+    are compared and recorded in ``merge_info.json``.
+
+    Raises:
+        UsageError: a path does not exist or ``output`` is not empty (without ``overwrite``).
+        AdapterVerificationError: the adapter is broken or does not fit the base model.
+        CheckpointError: the base model cannot be read or loaded.
+        MergeError: merging or writing failed; nothing was written.
+
+    Examples:
+        >>> merge_adapter("higgs-audio-v2-base", "out/lora_adapters", "merged", compare=True).compare  # doctest: +SKIP
+        {'base_vs_merged': {'max_abs': 0.83, ...}, 'adapter_vs_merged': {'max_abs': 0.0009, ...}, ...}
+    """
+    start = time.perf_counter()
+    base_dir = existing_directory(base, "base model")
+    adapter_dir = resolve_adapter_dir(adapter)
+    output = output_directory(output, overwrite)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+
+    verify_adapter(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    problems = check_adapter_modules(tensors, empty_base_model(base_dir))
+    if problems:
+        raise AdapterVerificationError(
+            f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: " + "; ".join(problems)
+        )
+
+    logger.info("Loading the base model from %s", base_dir)
+    model = load_base_model(base_dir, dtype)
+    model_class = type(model).__name__
+    probe = probe_inputs(model.config) if compare else None
+    logits: dict[str, torch.Tensor] = {}
+    try:
+        if probe is not None:
+            logits["base"] = _logits(model, probe)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, targets not found
+            raise AdapterVerificationError(
+                f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: {first_line(exc)}"
+            ) from exc
+        _check_applied(peft_model, tensors, adapter_dir)
+        merged_modules = sum(1 for key in tensors if ".lora_A." in key or key.endswith(".lora_embedding_A"))
+        if probe is not None:
+            logits["adapter"] = _logits(peft_model, probe)
+        # In place (safe_merge=False): safe_merge clones every merged weight, a second copy of most of the model.
+        merged = peft_model.merge_and_unload(progressbar=sys.stderr.isatty(), safe_merge=False)
+        _check_finite(merged, tensors)
+        if probe is not None:
+            logits["merged"] = _logits(merged, probe)
+    except HiggsTrainerError:
+        raise
+    except Exception as exc:
+        raise MergeError(f"merging the adapter at {adapter_dir} into {base_dir} failed: {first_line(exc)}") from exc
+    del model, peft_model
+
+    comparison = None
+    if logits:
+        comparison = {
+            "probe_tokens": probe["input_ids"].shape[1],
+            "base_vs_merged": _difference(logits["base"], logits["merged"]),
+            "adapter_vs_merged": _difference(logits["adapter"], logits["merged"]),
+        }
+    dtype_name = _dtype_name(merged)
+    num_parameters = sum(p.numel() for p in merged.parameters())
+    config = read_adapter_config(adapter_dir)
+    info = {
+        "base": str(base_dir.resolve()),
+        "adapter": str(adapter_dir.resolve()),
+        "model_class": model_class,
+        "dtype": dtype_name,
+        "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
+        "merged_modules": merged_modules,
+        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "compare": comparison,
+    }
+    logger.info("Writing the merged model (%s, %s) to %s", model_class, dtype_name, output)
+    try:
+        with staged_directory(output) as staging:
+            save_pretrained_safetensors(merged, staging)
+            copied = _copy_support_files(base_dir, staging)
+            (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            num_bytes = sum(f.stat().st_size for f in staging.iterdir() if f.suffix == ".safetensors")
+    except OSError as exc:
+        raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
+    result = MergeResult(
+        path=str(output),
+        base=str(base_dir),
+        adapter=str(adapter_dir),
+        model_class=model_class,
+        dtype=dtype_name,
+        merged_modules=merged_modules,
+        num_parameters=num_parameters,
+        num_bytes=num_bytes,
+        copied_files=copied,
+        seconds=time.perf_counter() - start,
+        compare=comparison,
+    )
+    logger.info("Merged model written to %s (%s)", output, human_size(num_bytes))
+    return result
+
+
+__all__ = [
+    "DTYPES",
+    "MergeResult",
+    "empty_base_model",
+    "load_base_model",
+    "merge_adapter",
+    "model_class_for",
+    "probe_inputs",
+    "resolve_adapter_dir",
+]
