@@ -43,6 +43,7 @@ from .names import (
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
+from .verification import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -426,12 +427,7 @@ def read_lora_config_file(path: str | os.PathLike) -> dict:
         path = path / CONFIG_NAME
     if not path.is_file():
         raise UsageError(f"adapter config {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
+    config = read_json_object(path, CheckpointError)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path} has peft_type {config.get('peft_type')!r}, not 'LORA'")
     if not isinstance(config.get("lora_alpha"), (int, float)):

@@ -38,6 +38,7 @@ from .verification import (
     human_size,
     read_adapter_config,
     read_adapter_tensors,
+    read_json_object,
     verify_adapter,
 )
 
@@ -104,12 +105,7 @@ def model_class_for(base_dir: str | os.PathLike) -> tuple[Any, type]:
     path = base_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{base_dir} is not a model directory: no config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
+    raw = read_json_object(path, CheckpointError)
     if raw.get("model_type") == HIGGS_MODEL_TYPE:
         try:
             from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import AdapterVerificationError, listed
+from .errors import AdapterVerificationError, HiggsTrainerError, first_line, listed
 from .names import (
     ADAPTER_DIRNAME,
     CONFIG_NAME,
@@ -58,18 +58,28 @@ class AdapterSummary:
         return not self.problems
 
 
+def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
+    """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
+
+    Examples:
+        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]  # doctest: +SKIP
+        16
+    """
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path} does not hold a JSON object")
+    return value
+
+
 def read_adapter_config(directory: Path) -> dict:
     """Parse ``adapter_config.json`` of an adapter directory."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterVerificationError(f"{path} is missing: not an adapter directory")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterVerificationError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise AdapterVerificationError(f"{path} does not hold a JSON object")
-    return config
+    return read_json_object(path, AdapterVerificationError)
 
 
 def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -397,5 +407,6 @@ __all__ = [
     "inspect_path",
     "read_adapter_config",
     "read_adapter_tensors",
+    "read_json_object",
     "verify_adapter",
 ]

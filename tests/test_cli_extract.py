@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 from higgs_trainer import extraction
-from higgs_trainer.cli import main
 from higgs_trainer.saving import clone_shared_tensors
+from tests.cli import assert_one_line_error, run_cli
 from tests.models import (
     HIGGS_STACK,
     RandomTokens,
@@ -50,17 +50,6 @@ class ScriptArguments(TrainingArguments):
     """Training arguments of a script that keeps its LoRA settings in them (saved as training_args.bin)."""
 
     lora_alpha: float = 8.0
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err, text):
-    assert text in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")

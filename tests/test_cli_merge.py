@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from higgs_trainer import HiggsLoraTrainer, merging
-from higgs_trainer.cli import main
+from tests.cli import assert_one_line_error, run_cli
 from tests.models import (
     HIGGS_STACK,
     VOCAB,
@@ -30,17 +30,6 @@ from tests.models import (
 )
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err, text):
-    assert text in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def save_base(directory, dtype):

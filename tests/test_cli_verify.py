@@ -11,17 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import HiggsLoraTrainer
-from higgs_trainer.cli import main
+from tests.cli import run_cli
 from tests.models import RandomTokens, make_model, tiny_base_model, training_args
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_fails_with(capsys, path, text, *extra):
