@@ -295,8 +295,8 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     """
     matches: dict[tuple[str, str], dict[str, re.Match]] = defaultdict(dict)
     odd = []
-    for key in shapes:
-        name = canonical_name(key)
+    names = {key: canonical_name(key) for key in shapes}  # once per key: checkpoints have thousands
+    for key, name in names.items():
         match = _LORA_KEY.match(name)
         if match:
             matches[(match["prefix"], match["adapter"])][key] = match
@@ -328,7 +328,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         )
     adapter = adapters[0]
     section = chosen + PEFT_KEY_PREFIX
-    extra = [k for k in shapes if canonical_name(k).startswith(section) and ".modules_to_save." in canonical_name(k)]
+    extra = [k for k, name in names.items() if name.startswith(section) and ".modules_to_save." in name]
     if extra:
         raise CheckpointError(f"modules_to_save tensors are not supported by extract: {listed(extra)}")
 
@@ -374,9 +374,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     rank_pattern = {module: rank for module, rank in ranks.items() if rank != r}
 
     modules = tuple(sorted(ranks))
-    all_modules = {
-        _module_of(canonical_name(k)[len(section) :]) for k in shapes if canonical_name(k).startswith(section)
-    }
+    all_modules = {_module_of(name[len(section) :]) for name in names.values() if name.startswith(section)}
     others = frozenset(all_modules - set(modules))
     leaves = {m.rsplit(".", 1)[-1] for m in modules}
     if any(m.rsplit(".", 1)[-1] in leaves for m in others):
