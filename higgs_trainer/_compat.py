@@ -57,18 +57,3 @@ def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> Non
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(directory), **kwargs)
-
-
-def lazy_pickle_offsets() -> contextlib.AbstractContextManager[Any]:
-    """Let ``torch.load(mmap=True)`` compute where each tensor sits instead of reading every record's header.
-
-    Without it (torch's default, ``calculate_storage_offsets=False``) loading a memory-mapped
-    ``pytorch_model.bin`` reads the zip header of every tensor, and the kernel's readahead around
-    each turns that into reading most of a multi-GB file. The switch exists since torch 2.7
-    (``torch.utils.serialization.config``); older torch loads as before.
-    """
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.7
-        return contextlib.nullcontext()
-    return config.patch({"load.calculate_storage_offsets": True})

@@ -29,7 +29,6 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ._compat import lazy_pickle_offsets
 from .discovery import canonical_name
 from .errors import CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .names import (
@@ -219,8 +218,7 @@ def _weight_files(directory: Path) -> list[Path]:
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, memory-mapped, with ``weights_only=True``: a malicious pickle runs nothing."""
     try:
-        with lazy_pickle_offsets():
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
             raise CheckpointError(f"cannot read {file} safely (or it is corrupt): {first_line(exc)}") from exc
