@@ -5,7 +5,7 @@ the time the training loop waits in ``_save_checkpoint`` and the bytes on disk, 
 checkpoint (the default) and for ``adapter_only_checkpoints=True``; and the share of the full
 checkpoint's time taken by the adapter save inside it.
 
-    python benchmarks/bench_checkpoint.py [--layers 18] [--out /tmp/bench-ckpt]
+    python benchmarks/bench_checkpoint.py [--shape llama-3.2-1b|llama-3.2-3b|mha-1b] [--targets q_proj,v_proj]
 
 Targets (issue 4): adapter-only at least 50x smaller and 20x faster than full; the adapter save
 adds at most 2% to a full checkpoint's time.
@@ -49,14 +49,34 @@ class TimedTrainer(HiggsLoraTrainer):
         return result
 
 
-def build_model(layers: int, targets: list[str]) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+# Model shapes (LlamaConfig fields). The adapter-only checkpoint holds the LoRA weights and their two
+# fp32 Adam moments, so how much smaller it is than a full one depends on base / LoRA parameters.
+SHAPES = {
+    # Llama-3.2-1B: the smallest of the family Higgs Audio v2's LLM (Llama-3.2-3B) comes from; GQA.
+    "llama-3.2-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+    ),
+    # Llama-3.2-3B: the shape of Higgs Audio v2's text backbone (without its audio DualFFN layers).
+    "llama-3.2-3b": dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True,
+    ),
+    # A 1.04e9 model without GQA (TinyLlama widths, 18 layers): k/v LoRA as large as q/o, the hardest case.
+    "mha-1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
         num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
-    )  # fmt: skip
+    ),
+}  # fmt: skip
+
+
+def build_model(shape: str, targets: list[str]) -> nn.Module:
+    config = transformers.LlamaConfig(**SHAPES[shape])
     with torch.device("meta"):
         base = transformers.LlamaForCausalLM(config)
     base = base.to_empty(device="cpu").to(torch.bfloat16)
+    if config.tie_word_embeddings:
+        base.tie_weights()  # to_empty gave the tied head its own storage
     generator = torch.Generator().manual_seed(0)
     for param in base.parameters():
         param.data.normal_(0, 0.02, generator=generator)
@@ -92,13 +112,13 @@ def one_checkpoint(wrapper: nn.Module, out: Path, adapter_only: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=18, help="18 layers of Llama-1B shape: 1.04e9 parameters")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="model shape (see SHAPES)")
     parser.add_argument("--out", default="/tmp/bench-checkpoint")
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA target modules, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     targets = args.targets.split(",")
-    wrapper = build_model(args.layers, targets)
+    wrapper = build_model(args.shape, targets)
     params = sum(p.numel() for p in wrapper.parameters())
     lora = sum(p.numel() for n, p in wrapper.named_parameters() if "lora_" in n)
     out = Path(args.out)
@@ -108,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
+        "shape": args.shape,
         "parameters": params,
         "lora_targets": targets,
         "lora_parameters": lora,
@@ -119,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     print(
-        f"\n{params / 1e9:.2f}e9 parameters, {lora / 1e6:.1f}M LoRA (r=16 on {'/'.join(targets)})\n"
+        f"\n{args.shape}: {params / 1e9:.2f}e9 parameters, {lora / 1e6:.1f}M LoRA (r=16 on {'/'.join(targets)})\n"
         f"full checkpoint:         {full['seconds']:7.2f} s  {full['bytes'] / 2**20:10.1f} MiB\n"
         f"adapter-only checkpoint: {adapter_only['seconds']:7.2f} s  {adapter_only['bytes'] / 2**20:10.1f} MiB\n"
         f"adapter-only is {result['smaller_x']:.0f}x smaller and {result['faster_x']:.0f}x faster; "
