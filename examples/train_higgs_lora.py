@@ -105,7 +105,7 @@ class HiggsAudioModelWrapper(nn.Module):
     """
 
     # Explicit: Trainer must not scale this wrapper's loss by the number of processes
-    # (KNOWN_FAILURES #13, average_tokens_across_devices on transformers 5.x).
+    # (known failure 13 in docs/troubleshooting.md, average_tokens_across_devices on transformers 5.x).
     accepts_loss_kwargs = False
 
     def __init__(self, model: HiggsAudioModel):

@@ -533,8 +533,10 @@ def find_lora_settings(
         return LoraSettings(float(lora_alpha), "--lora-alpha")
     checkpoint = Path(checkpoint)
     directories = [checkpoint]
-    if checkpoint.resolve().name.startswith("checkpoint-"):
-        directories.append(checkpoint.resolve().parent)  # the run directory
+    if checkpoint.name.startswith("checkpoint-"):
+        directories.append(checkpoint.parent)  # the run directory, named as the user named the checkpoint
+    elif checkpoint.resolve().name.startswith("checkpoint-"):  # "." or a symlink
+        directories.append(checkpoint.resolve().parent)
     for directory in directories:
         for name in _ALPHA_FILES:
             path = directory / name

@@ -3,11 +3,13 @@
 Each subcommand calls one library function (`verification.inspect_path`,
 `extraction.extract_adapter`, `merging.merge_adapter`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
-error), 2 usage error. Errors are one line on stderr; ``--debug`` adds the traceback.
+error), 2 usage error, 130 interrupted. Errors are one line on stderr; ``--debug`` adds the traceback.
 
 Examples:
     >>> main(["verify", "out"])  # doctest: +SKIP
     PASS out/lora_adapters: 8 tensors, 1,792 parameters, 7.0 KiB; r=4, lora_alpha=8; targets q_proj, v_proj
+    PASS out/checkpoint-2/lora_adapters: 8 tensors, 1,792 parameters, 7.0 KiB; r=4, lora_alpha=8; targets q_proj, v_proj
+    2 passed, 0 failed
     0
 """
 

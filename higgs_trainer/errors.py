@@ -1,7 +1,9 @@
 """Error types raised by higgs_trainer.
 
-Each also subclasses the builtin a caller would naturally catch (``ValueError`` for bad
-input, ``RuntimeError`` for a failed save), so ``except ValueError`` keeps working.
+Every one subclasses `HiggsTrainerError`. Those for bad input also subclass ``ValueError`` and
+those for a failed save ``RuntimeError``, so ``except ValueError`` keeps working. An unsupported
+setup raises a bare `HiggsTrainerError`: ``adapter_only_checkpoints=True`` under FSDP or with a
+DeepSpeed older than 0.18, or merging a ``higgs_audio`` model without ``boson_multimodal``.
 
 Examples:
     >>> from higgs_trainer.errors import LoraModelNotFoundError

@@ -121,7 +121,7 @@ def extract_adapter(
 
     Examples:
         >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)  # doctest: +SKIP
-        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', prefix='model.', r=16, ...)
+        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', checkpoint='old_run/checkpoint-500', prefix='model.', r=16, ...)
     """
     start = time.perf_counter()
     checkpoint = existing_directory(checkpoint, "checkpoint")

@@ -31,7 +31,7 @@ from peft.utils import get_peft_model_state_dict
 from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
 from .atomic import staged_directory
 from .checkpoint import existing_directory, output_directory
-from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, first_line
+from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, UsageError, first_line
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
 from .verification import (
     check_adapter_modules,
@@ -296,7 +296,9 @@ def merge_adapter(
     are compared and recorded in ``merge_info.json``.
 
     Raises:
-        UsageError: a path does not exist or ``output`` is not empty (without ``overwrite``).
+        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
+            is not one of ``bf16``, ``fp16``, ``fp32``.
+        HiggsTrainerError: the base is a ``higgs_audio`` model and ``boson_multimodal`` cannot be imported.
         AdapterVerificationError: the adapter is broken or does not fit the base model.
         CheckpointError: the base model cannot be read or loaded.
         MergeError: merging or writing failed; nothing was written.
@@ -311,7 +313,7 @@ def merge_adapter(
     output = output_directory(output, overwrite)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
 
     verify_adapter(adapter_dir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Usage: scripts/env.sh higgs|newest  -> prints the path of a ready virtual environment for that stack.
-# Creates it on first use (from requirements/<stack>.txt, torch pinned to the local CPU build),
+# Creates it on first use (from requirements/<stack>.txt, which pins torch==2.13.0;
+# where pip is configured with the local CPU build, that is what it takes),
 # reuses it while the requirements are unchanged, and installs this checkout into it (editable).
 set -euo pipefail
 stack=${1:?usage: scripts/env.sh higgs|newest}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end GPU check of HiggsLoraTrainer under DeepSpeed ZeRO-3 (both gather settings) and FSDP
 # (full and sharded state dicts), through the real Trainer/accelerate engine setup. Needs CUDA GPUs
-# (1 or more; NPROC defaults to the number of GPUs). Results go to docs/distributed.md when run.
+# (1 or more; NPROC defaults to the number of GPUs). Record the result in docs/distributed.md once it has run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

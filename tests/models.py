@@ -10,6 +10,7 @@ becomes the ``PeftModel``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 import transformers
@@ -152,3 +153,29 @@ def assert_same_tensors(actual, expected):
     assert sorted(actual) == sorted(expected)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+class SavedAdapters(logging.Handler):
+    """Collects the paths of the adapters this process wrote, from higgs_trainer's own INFO line.
+
+    ``with SavedAdapters() as saved: trainer.train()`` then ``saved.paths``.
+    """
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.paths = []
+        self._logger = logging.getLogger("higgs_trainer")
+
+    def emit(self, record):
+        if record.getMessage().startswith("Saved LoRA adapter to "):
+            self.paths.append(record.args[0])
+
+    def __enter__(self):
+        self._old_level = self._logger.level
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._old_level)

@@ -35,7 +35,7 @@ class UntiedSaveTrainer(Trainer):
     """Plain Trainer, except that shared tensors get their own storage so safetensors accepts them.
 
     transformers 5.x's Trainer cannot save a wrapper around a model with tied embeddings at all
-    (safetensors refuses shared tensors, KNOWN_FAILURES 10); the newest stack's tiny Llama has them.
+    (safetensors refuses shared tensors, known failure 10 in docs/troubleshooting.md); the newest stack's tiny Llama has them.
     """
 
     def _save(self, output_dir=None, state_dict=None):

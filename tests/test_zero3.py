@@ -27,10 +27,13 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("gather", [1, 0], ids=["gather16bit", "no-gather"])
 def test_zero3_adapters_are_complete_in_every_checkpoint_and_round_trip(runs, gather):
     directory = runs[gather]
-    for sub in ("checkpoint-2", "checkpoint-4", "."):
-        summary = verify_adapter(directory / sub / "lora_adapters")
+    expected = [str(directory / sub / "lora_adapters") for sub in ("checkpoint-2", "checkpoint-4")]
+    expected.append(str(directory / "lora_adapters"))
+    for adapter in expected:
+        summary = verify_adapter(adapter)
         assert summary.num_tensors == 8 and summary.num_bytes > 0
-    assert json.loads((directory / "rank-1.json").read_text())["last_saved_adapter"] is None  # only rank 0 wrote
+    assert json.loads((directory / "rank-0.json").read_text())["saved"] == expected
+    assert json.loads((directory / "rank-1.json").read_text())["saved"] == []  # only rank 0 wrote
     trained = torch.load(directory / "trained_logits.pt")
     loaded = PeftModel.from_pretrained(tiny_base_model(), str(directory / "lora_adapters"))
     torch.testing.assert_close(logits_of(loaded, probe_batch()), trained, rtol=1e-5, atol=1e-5)

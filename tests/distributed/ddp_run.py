@@ -6,41 +6,24 @@ Every rank writes OUTPUT_DIR/rank-N.json listing the adapters it wrote (from the
 """
 
 import json
-import logging
 import os
 import sys
 
 import torch
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import RandomTokens, logits_of, make_model, probe_batch, training_args
-
-
-class SavedAdapters(logging.Handler):
-    """Collects the paths of the adapters this process wrote, from higgs_trainer's INFO line."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.paths = []
-
-    def emit(self, record):
-        if record.getMessage().startswith("Saved LoRA adapter to "):
-            self.paths.append(record.args[0])
-
+from tests.models import RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
 
 output_dir = sys.argv[1]
 rank = int(os.environ["RANK"])
-saved = SavedAdapters()
-logging.getLogger("higgs_trainer").addHandler(saved)
-logging.getLogger("higgs_trainer").setLevel(logging.INFO)
-
 model = make_model("model")
 trainer = HiggsLoraTrainer(
     model=model, args=training_args(output_dir, ddp_backend="gloo"), train_dataset=RandomTokens()
 )
 assert trainer.args.world_size == 2, trainer.args.world_size
-trainer.train()
-trainer.save_model()
+with SavedAdapters() as saved:
+    trainer.train()
+    trainer.save_model()
 if rank == 0:
     torch.save(logits_of(model, probe_batch()), os.path.join(output_dir, "trained_logits.pt"))
 with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:

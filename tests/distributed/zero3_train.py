@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import RandomTokens, logits_of, make_model, probe_batch, training_args
+from tests.models import RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output_dir")
@@ -52,14 +52,14 @@ model = make_model("model")
 trainer = HiggsLoraTrainer(
     model=model, args=args, train_dataset=RandomTokens(), adapter_only_checkpoints=options.adapter_only
 )
-trainer.train(resume_from_checkpoint=options.resume)
-trainer.save_model()
+with SavedAdapters() as saved:
+    trainer.train(resume_from_checkpoint=options.resume)
+    trainer.save_model()
 logits = logits_of(model, probe_batch())  # every rank runs the forward: ZeRO-3 gathers layer by layer
 if rank == 0:
     torch.save(logits, os.path.join(output_dir, "trained_logits.pt"))
-wrote = trainer.last_saved_adapter.path if trainer.last_saved_adapter else None
 with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
-    json.dump({"rank": rank, "last_saved_adapter": wrote}, handle)
+    json.dump({"rank": rank, "saved": saved.paths}, handle)
 # Leave the process group before exiting: a gloo group torn down at interpreter exit can abort a rank
 # ("terminate called without an active exception") after all the work is done.
 torch.distributed.barrier()
