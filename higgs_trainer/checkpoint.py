@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -83,19 +84,31 @@ def existing_directory(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def output_directory(path: str | os.PathLike, overwrite: bool) -> Path:
+def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
+
+    Refuses (`UsageError`) an output that is a file or a symbolic link, that is or contains the
+    current directory, or that is or contains one of ``inputs``: writing it replaces the whole
+    directory, so ``--overwrite`` must never reach what is being read.
 
     Examples:
         >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
         PosixPath('/tmp/does-not-exist-yet')
     """
     path = Path(path)
+    if path.is_symlink():
+        raise UsageError(f"output {path} is a symbolic link; name the directory it points to ({path.resolve()})")
     if path.exists() and not path.is_dir():
         raise UsageError(f"output {path} exists and is a file")
+    resolved = path.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise UsageError(f"output {path} is (or contains) the current directory; name a new directory")
+    for source in inputs:
+        if Path(source).resolve().is_relative_to(resolved):
+            raise UsageError(f"output {path} would replace the input {source}; choose another output directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
-    return path
+    return path if path.name not in ("", ".", "..") else resolved
 
 
 # reading weights
@@ -186,6 +199,8 @@ def _weight_files(directory: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 names = sorted(set(weight_map.values()))
+                if not all(isinstance(name, str) and name and "/" not in name for name in names):
+                    raise ValueError("weight_map values must be file names in the checkpoint directory")
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
             missing = [n for n in names if not (directory / n).is_file()]
@@ -258,6 +273,7 @@ class LoraLayout:
     shapes: dict[str, tuple[int, ...]]
     modules: tuple[str, ...]
     other_modules: frozenset[str]
+    ranks: dict[str, int]
     r: int
     rank_pattern: dict[str, int]
     target_modules: list[str] | str
@@ -300,12 +316,12 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         match = _LORA_KEY.match(name)
         if match:
             matches[(match["prefix"], match["adapter"])][key] = match
-        elif any(part.startswith("lora_") for part in name.split(".")):
+        elif any(part.startswith(("lora_", "trainable_tokens_", "token_adapter")) for part in name.split(".")):
             odd.append(key)
     if odd:
         raise CheckpointError(
-            f"{len(odd)} LoRA-like key(s) that are not lora_A/lora_B weights (DoRA magnitude vectors and other "
-            f"LoRA variants are not supported by extract): {listed(odd)}"
+            f"{len(odd)} adapter key(s) that are not lora_A/lora_B weights (DoRA magnitude vectors, trainable "
+            f"token deltas and other LoRA variants are not supported by extract): {listed(odd)}"
         )
     if not matches:
         raise CheckpointError(
@@ -371,7 +387,9 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     if bad_rank:
         raise CheckpointError(f"{len(bad_rank)} LoRA pair(s) have ranks that disagree: {listed(bad_rank)}")
     r = sorted(Counter(ranks.values()).items(), key=lambda item: (-item[1], -item[0]))[0][0]
-    rank_pattern = {module: rank for module, rank in ranks.items() if rank != r}
+    # Anchored: peft matches a rank_pattern key against the end of a module path ("(.*\.)?(key)$"), so a bare
+    # "layers.0.self_attn.q_proj" would also set the rank of "audio_tower.layers.0.self_attn.q_proj".
+    rank_pattern = {"^" + re.escape(module): rank for module, rank in ranks.items() if rank != r}
 
     modules = tuple(sorted(ranks))
     all_modules = {_module_of(name[len(section) :]) for name in names.values() if name.startswith(section)}
@@ -389,6 +407,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         shapes=out_shapes,
         modules=modules,
         other_modules=others,
+        ranks=ranks,
         r=r,
         rank_pattern=rank_pattern,
         target_modules=target_modules,
@@ -428,8 +447,8 @@ def read_lora_config_file(path: str | os.PathLike) -> dict:
     config = read_json_object(path, CheckpointError)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path} has peft_type {config.get('peft_type')!r}, not 'LORA'")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise CheckpointError(f"{path} has no numeric lora_alpha")
+    if not is_valid_alpha(config.get("lora_alpha")):
+        raise CheckpointError(f"{path} has no usable lora_alpha (a positive number): {config.get('lora_alpha')!r}")
     return config
 
 
@@ -498,9 +517,21 @@ def _alpha_in(path: Path) -> tuple[float, dict | None] | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
     alpha = values.get("lora_alpha") if isinstance(values, dict) else None
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+    if is_valid_alpha(alpha):
         return float(alpha), None
+    if alpha is not None:
+        logger.warning("ignoring lora_alpha %r in %s: not a positive number", alpha, path)
     return None
+
+
+def is_valid_alpha(value: Any) -> bool:
+    """True for a usable ``lora_alpha``: a finite positive number (not a bool).
+
+    Examples:
+        >>> is_valid_alpha(32), is_valid_alpha(0), is_valid_alpha(True), is_valid_alpha(float("inf"))
+        (True, False, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def find_lora_settings(
@@ -528,8 +559,8 @@ def find_lora_settings(
             raise UsageError(f"--lora-alpha {lora_alpha} disagrees with lora_alpha {alpha} in {adapter_config}")
         return LoraSettings(alpha, str(adapter_config), config)
     if lora_alpha is not None:
-        if not lora_alpha > 0:
-            raise UsageError(f"--lora-alpha must be positive, got {lora_alpha}")
+        if not is_valid_alpha(lora_alpha):
+            raise UsageError(f"--lora-alpha must be a positive number, got {lora_alpha}")
         return LoraSettings(float(lora_alpha), "--lora-alpha")
     checkpoint = Path(checkpoint)
     directories = [checkpoint]

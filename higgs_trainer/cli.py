@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -253,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _console(args.verbose, args.debug):
         try:
             return args.handler(args)
+        except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except UsageError as exc:
             return _fail(args.command, exc, 2, args.debug)
         except (HiggsTrainerError, OSError) as exc:

@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
 from .names import SAFETENSORS_NAME
-from .verification import human_size, verify_adapter
+from .verification import configured_rank, human_size, verify_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,27 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapter config from {settings.source} is not a valid LoraConfig: {exc}") from exc
     config.inference_mode = True
+    # What the config promises beyond lora_A/lora_B must be in the tensors extract copies, or the adapter loads wrong.
+    unsupported = [
+        name
+        for name, used in (
+            ("use_dora", config.use_dora),
+            ("modules_to_save", config.modules_to_save),
+            ("trainable_token_indices", getattr(config, "trainable_token_indices", None)),
+            (f"bias={config.bias!r} (trained base-layer biases)", config.bias != "none"),
+        )
+        if used
+    ]
+    if unsupported:
+        raise CheckpointError(
+            f"the adapter config from {settings.source} uses {', '.join(unsupported)}, which extract does not carry "
+            "over from a full checkpoint (it copies lora_A/lora_B tensors only)"
+        )
+    if bool(getattr(config, "lora_bias", False)) != layout.lora_bias:
+        raise CheckpointError(
+            f"the adapter config from {settings.source} says lora_bias={getattr(config, 'lora_bias', False)} but the "
+            f"checkpoint {'has' if layout.lora_bias else 'has no'} lora_B bias tensors; is it from another run?"
+        )
     if config.target_modules != "all-linear":
         untargeted = [m for m in layout.modules if not check_target_module_exists(config, m)]
         extra = sorted(m for m in layout.other_modules if check_target_module_exists(config, m))
@@ -88,10 +109,15 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
                 f"(not targeted: {listed(untargeted) or 'none'}; targeted but without LoRA tensors: {listed(extra) or 'none'}); "
                 "is it from another run?"
             )
-    if not config.rank_pattern and (layout.r != config.r or layout.rank_pattern):
+    wrong_rank = [
+        f"{module} (rank {rank}, config {expected})"
+        for module, rank in sorted(layout.ranks.items())
+        if rank != (expected := configured_rank(config, module))
+    ]
+    if wrong_rank:
         raise CheckpointError(
-            f"the adapter config from {settings.source} says r={config.r} but the checkpoint's LoRA tensors have "
-            f"rank {layout.r}{' (and others)' if layout.rank_pattern else ''}; is it from another run?"
+            f"the adapter config from {settings.source} gives {len(wrong_rank)} LoRA module(s) another rank than "
+            f"their tensors have: {listed(wrong_rank)}; is it from another run?"
         )
     return config
 
@@ -125,7 +151,7 @@ def extract_adapter(
     """
     start = time.perf_counter()
     checkpoint = existing_directory(checkpoint, "checkpoint")
-    output = output_directory(output, overwrite)
+    output = output_directory(output, overwrite, inputs=[checkpoint, *([adapter_config] if adapter_config else [])])
     with CheckpointWeights(checkpoint) as weights:
         layout = find_lora_layout(weights.shapes, prefix)
         settings = find_lora_settings(checkpoint, lora_alpha, adapter_config)

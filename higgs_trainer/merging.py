@@ -176,9 +176,17 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
 
 
 def _check_applied(peft_model: PeftModel, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
-    """Every tensor of the adapter file landed in a LoRA module, and every LoRA module got one."""
+    """Every tensor of the adapter file landed in a LoRA module, and every LoRA module got one.
+
+    Embedding weights that peft saves beside the LoRA tensors (``save_embedding_layers``, for a
+    targeted or resized embedding) are loaded into the base too, so they count as landed.
+    """
     applied = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
-    unexpected, missing = sorted(set(tensors) - applied), sorted(applied - set(tensors))
+    try:
+        embeddings = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True)) - applied
+    except (NotImplementedError, AttributeError, ValueError):  # a model without get_input_embeddings (HiggsAudioModel)
+        embeddings = set()
+    unexpected, missing = sorted(set(tensors) - applied - embeddings), sorted(applied - set(tensors))
     if unexpected or missing:
         raise AdapterVerificationError(
             f"the adapter at {adapter_dir} does not fit the base model: {len(unexpected)} adapter tensor(s) matched no "
@@ -310,7 +318,7 @@ def merge_adapter(
     start = time.perf_counter()
     base_dir = existing_directory(base, "base model")
     adapter_dir = resolve_adapter_dir(adapter)
-    output = output_directory(output, overwrite)
+    output = output_directory(output, overwrite, inputs=[base_dir, adapter_dir])
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from .errors import AdapterVerificationError, HiggsTrainerError, first_line, listed
@@ -132,11 +136,12 @@ def check_adapter_tensors(
     is_lora = peft_type == "LORA"
     if not is_lora:
         problems.append(f"adapter_config.json has peft_type {peft_type!r}, not 'LORA'")
+    config_problems = _lora_config_problems(config) if is_lora else []
+    problems.extend(config_problems)
     if not tensors:
         problems.append("the adapter holds no tensors")
         return problems
-
-    ranks = {config.get("r")} | set((config.get("rank_pattern") or {}).values())
+    lora_config = _as_lora_config(config, problems) if is_lora and not config_problems else None
     misplaced, named, empty, nonfinite, bad_rank = [], [], [], [], []
     pieces: dict[tuple[str, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -174,14 +179,24 @@ def check_adapter_tensors(
             unpaired.append(f"{module}.{part}")
         elif part in LORA_PAIRS and tensor.numel() and partner.numel():
             rank_a, rank_b = tensor.shape[0], partner.shape[1] if partner.dim() > 1 else -1
-            if rank_a != rank_b or (is_lora and rank_a not in ranks):
-                bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, r={config.get('r')})")
+            expected = configured_rank(lora_config, module) if lora_config is not None else rank_a
+            if rank_a != rank_b or rank_a != expected:
+                bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, config r={expected})")
     if unpaired:
         problems.append(f"{len(unpaired)} LoRA matrix(es) lack their partner: {listed(unpaired)}")
     if bad_rank:
         problems.append(
-            f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with r or each other: {listed(bad_rank)}"
+            f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with the config (r, rank_pattern) or each other: "
+            f"{listed(bad_rank)}"
         )
+    if lora_config is not None and lora_config.target_modules not in (None, "all-linear"):
+        modules = sorted({module for module, _ in pieces if module.startswith(PEFT_KEY_PREFIX)})
+        untargeted = [m for m in modules if not check_target_module_exists(lora_config, m[len(PEFT_KEY_PREFIX) :])]
+        if untargeted:
+            problems.append(
+                f"{len(untargeted)} LoRA module(s) in the file are not in the config's target_modules, so "
+                f"PeftModel.from_pretrained would skip them: {listed(untargeted)}"
+            )
 
     if expected_shapes is not None:
         missing = sorted(set(expected_shapes) - set(tensors))
@@ -198,6 +213,51 @@ def check_adapter_tensors(
         if wrong:
             problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
     return problems
+
+
+def _lora_config_problems(config: Mapping) -> list[str]:
+    """Problems of the fields of a LoRA ``adapter_config.json`` that the checks and peft rely on."""
+    problems = []
+    r = config.get("r")
+    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        problems.append(f"adapter_config.json has r={r!r}, not a positive integer")
+    alpha = config.get("lora_alpha")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        problems.append(f"adapter_config.json has lora_alpha={alpha!r}, not a positive number")
+    pattern = config.get("rank_pattern")
+    if pattern is not None and not (
+        isinstance(pattern, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern.values())
+    ):
+        problems.append(f"adapter_config.json has rank_pattern={pattern!r}, not a mapping of patterns to ranks")
+    targets = config.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(f"adapter_config.json has target_modules={targets!r}, not a string or a list of names")
+    return problems
+
+
+def _as_lora_config(config: Mapping, problems: list[str]) -> LoraConfig | None:
+    """``config`` as peft's ``LoraConfig`` (to match rank patterns and targets as peft does), or None with a problem."""
+    try:
+        return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
+    except (TypeError, ValueError) as exc:
+        problems.append(f"adapter_config.json is not a valid LoraConfig for peft: {first_line(exc)}")
+        return None
+
+
+def configured_rank(config: LoraConfig, module: str) -> int:
+    """The rank ``config`` gives ``module`` (a path in the base model, or an adapter key's module), matching ``rank_pattern`` as peft does.
+
+    Examples:
+        >>> configured_rank(LoraConfig(r=8, rank_pattern={r"^layers\\.0\\.q_proj": 4}), "layers.0.q_proj")
+        4
+        >>> configured_rank(LoraConfig(r=8, rank_pattern={r"^layers\\.0\\.q_proj": 4}), "tower.layers.0.q_proj")
+        8
+    """
+    pattern = config.rank_pattern or {}
+    name = module[len(PEFT_KEY_PREFIX) :] if module.startswith(PEFT_KEY_PREFIX) else module
+    return pattern.get(get_pattern_key(pattern.keys(), name), config.r)
 
 
 def inspect_adapter(
@@ -294,9 +354,17 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
         )
     return [
         d
-        for a in ([own] if has_own else []) + [c / ADAPTER_DIRNAME for c in checkpoints]
+        for a in ([own] if has_own else []) + [_adapter_of_checkpoint(c) for c in checkpoints]
         for d in _with_named_adapters(a)
     ]
+
+
+def _adapter_of_checkpoint(checkpoint: Path) -> Path:
+    """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
+    own = checkpoint / ADAPTER_DIRNAME
+    if not own.exists() and any((checkpoint / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)):
+        return checkpoint
+    return own
 
 
 def _with_named_adapters(directory: Path) -> list[Path]:
@@ -380,15 +448,15 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
     summaries = []
     for directory in directories:
         if not directory.exists():
-            summaries.append(
-                AdapterSummary(
-                    path=str(directory),
-                    problems=[
-                        f"{directory.parent} has full weights but no {directory.name}/ (saved without an adapter); "
-                        f"rescue it with `higgs-trainer extract {directory.parent} --output DIR`"
-                    ],
+            checkpoint = directory.parent
+            if any((checkpoint / name).is_file() for name in FULL_WEIGHT_FILES):
+                problem = (
+                    f"{checkpoint} has full weights but no {directory.name}/ (saved without an adapter); "
+                    f"rescue it with `higgs-trainer extract {checkpoint} --output DIR`"
                 )
-            )
+            else:
+                problem = f"{checkpoint} holds no adapter: no {directory.name}/, no {CONFIG_NAME}, no model weights"
+            summaries.append(AdapterSummary(path=str(directory), problems=[problem]))
             continue
         summary = inspect_adapter(directory)
         if base_model is not None and summary.num_tensors:
@@ -402,6 +470,7 @@ __all__ = [
     "adapter_dirs_of",
     "check_adapter_modules",
     "check_adapter_tensors",
+    "configured_rank",
     "human_size",
     "inspect_adapter",
     "inspect_path",

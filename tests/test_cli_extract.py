@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
@@ -194,8 +194,14 @@ def test_lora_alpha_from_an_adapter_config_file(checkpoint, old_runs, tmp_path, 
     "change,message",
     [
         ({"peft_type": "PREFIX_TUNING"}, "not 'LORA'"),
-        ({"r": 8}, "says r=8 but the checkpoint's LoRA tensors have rank 4"),
+        ({"r": 8}, "another rank than their tensors have"),
+        ({"rank_pattern": {"q_proj": 2}}, "another rank than their tensors have"),
         ({"target_modules": ["q_proj"]}, "does not match the checkpoint's LoRA modules"),
+        # what the config promises beyond lora_A/lora_B would load wrong from the copied tensors
+        ({"use_dora": True}, "uses use_dora"),
+        ({"bias": "all"}, "uses bias='all'"),
+        ({"modules_to_save": ["lm_head"]}, "uses modules_to_save"),
+        ({"lora_bias": True}, "says lora_bias=True but the checkpoint has no lora_B bias tensors"),
     ],
 )
 def test_an_adapter_config_that_does_not_fit_is_refused(checkpoint, tmp_path, capsys, change, message):
@@ -317,3 +323,88 @@ def test_lora_on_some_layers_only_targets_exactly_those(checkpoint, tmp_path, ca
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in loaded.named_parameters() if ".lora_A." in n}
     assert len(lora_modules) == 2 and all("layers.0." in m for m in lora_modules)
     assert set(adapter_tensors(tmp_path / "out")) == set(get_peft_model_state_dict(loaded, save_embedding_layers=False))
+
+
+# outputs that would destroy an input, and layouts found in review
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "run"])
+def test_overwrite_never_replaces_the_input(checkpoint, capsys, target):
+    output = checkpoint if target == "checkpoint" else checkpoint.parent
+    code, _, err = run_cli(capsys, "extract", checkpoint, "-o", output, "--lora-alpha", ALPHA, "--overwrite")
+    assert code == 2
+    assert_one_line_error(err, "would replace the input")
+    assert (checkpoint / "model.safetensors").is_file()
+
+
+def test_symlinked_or_current_directory_output_is_refused(checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, _, err = run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "link", "--lora-alpha", ALPHA)
+    assert code == 2
+    assert_one_line_error(err, "is a symbolic link")
+    assert (tmp_path / "link").is_symlink() and not any((tmp_path / "real").iterdir())
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, _, err = run_cli(capsys, "extract", checkpoint, "-o", ".", "--lora-alpha", ALPHA)
+    assert code == 2
+    assert_one_line_error(err, "is (or contains) the current directory")
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(16, 16)
+
+
+class Tower(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Block() for _ in range(blocks))
+
+
+class TwoTowers(torch.nn.Module):
+    """Module paths that are tails of others: `layers.0.q_proj` and `tower.layers.0.q_proj` (as in HiggsAudioModel
+    with its audio tower)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = Tower(1).layers
+        self.tower = Tower(2)
+
+    def forward(self, x):
+        return sum(block.q_proj(x) for block in [*self.layers, *self.tower.layers])
+
+
+def test_a_rank_pattern_is_anchored_so_longer_paths_keep_their_rank(tmp_path, capsys):
+    # layers.0.q_proj at r=8, the two tower q_proj at r=4: the rescued rank_pattern must not reach the tower.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={r"^layers\.0\.q_proj": 8})
+    trained = get_peft_model(TwoTowers(), config)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    save_file(
+        {f"model.{k}": v.contiguous() for k, v in trained.state_dict().items()}, str(checkpoint / "model.safetensors")
+    )
+
+    code, _, err = run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "rescued", "--lora-alpha", ALPHA)
+    assert code == 0, err
+    assert run_cli(capsys, "verify", tmp_path / "rescued")[0] == 0
+    loaded = PeftModel.from_pretrained(TwoTowers(), str(tmp_path / "rescued"))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), trained(x))
+
+
+def test_trainable_token_deltas_are_refused(checkpoint, tmp_path, capsys):
+    state = load_file(str(checkpoint / "model.safetensors"))
+    state["model.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"] = torch.ones(2, 64)
+    save_file(state, str(checkpoint / "model.safetensors"))
+    code, _, err = run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "out", "--lora-alpha", ALPHA)
+    assert code == 1
+    assert_one_line_error(err, "trainable token deltas")
+    assert not (tmp_path / "out").exists()

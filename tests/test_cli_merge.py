@@ -10,14 +10,14 @@ import sys
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from higgs_trainer import HiggsLoraTrainer, merging
-from tests.cli import assert_one_line_error, run_cli
+from tests.cli import assert_one_line_error, rename_lora_modules, run_cli
 from tests.models import (
     HIGGS_STACK,
     VOCAB,
@@ -215,8 +215,7 @@ def test_adapter_missing_lora_B(bases, adapter, tmp_path, capsys):
 
 
 def test_base_that_does_not_match_the_adapter(bases, adapter, tmp_path, capsys):
-    tensors = {k.replace("v_proj", "w_proj"): v for k, v in load_file(str(adapter / WEIGHTS)).items()}
-    save_file(tensors, str(adapter / WEIGHTS))
+    rename_lora_modules(adapter, "v_proj", "w_proj")
     code, _, err = run_cli(capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter, "-o", tmp_path / "m")
     assert code == 1
     assert_one_line_error(err, "does not fit the base model")
@@ -269,3 +268,40 @@ def test_higgs_config_without_boson_multimodal_says_so(bases, adapter_dir, tmp_p
     code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter_dir, "-o", tmp_path / "m")
     assert code == 1
     assert_one_line_error(err, "is a higgs_audio model, which loads only through boson_multimodal")
+
+
+@pytest.mark.parametrize("target", ["base", "adapter"])
+def test_overwrite_never_replaces_an_input(bases, adapter, capsys, target):
+    base = bases[torch.float32]
+    output = base if target == "base" else adapter
+    before = sorted(p.name for p in output.iterdir())
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", output, "--overwrite")
+    assert code == 2
+    assert_one_line_error(err, "would replace the input")
+    assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_an_adapter_with_saved_embedding_layers_merges(tmp_path, capsys):
+    # LoRA on the embedding: peft's save_pretrained also writes the embedding's base weight beside the LoRA tensors.
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
+    base = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.normal_()
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    assert any(".base_layer." in k for k in load_file(str(tmp_path / "adapter" / WEIGHTS)))  # the case under test
+
+    code, _, err = run_cli(
+        capsys, "merge", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "-o", tmp_path / "m"
+    )
+    assert code == 0, err
+    merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "m"))
+    torch.testing.assert_close(
+        logits_of(merged, probe_batch()), logits_of(peft_model, probe_batch()), rtol=1e-4, atol=1e-4
+    )

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.cli import run_cli
+from tests.cli import rename_lora_modules, run_cli
 from tests.models import RandomTokens, make_model, tiny_base_model, training_args
 
 WEIGHTS = "adapter_model.safetensors"
@@ -180,8 +180,7 @@ def test_json_report_of_a_failure(adapter, capsys):
 
 
 def test_base_model_catches_modules_it_does_not_have(adapter, base_dir, capsys):
-    tensors = {k.replace("q_proj", "x_proj"): v for k, v in load_file(str(adapter / WEIGHTS)).items()}
-    save_file(tensors, str(adapter / WEIGHTS))
+    rename_lora_modules(adapter, "q_proj", "x_proj")
     assert run_cli(capsys, "verify", adapter)[0] == 0, "the adapter itself is sound"
     out = assert_fails_with(capsys, adapter, "LoRA module(s) are not in the base model", "--base", base_dir)
     assert "self_attn.x_proj" in out
@@ -216,3 +215,44 @@ def test_the_console_script_is_installed():
     result = subprocess.run([str(script), "verify", "/nonexistent/path"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "higgs-trainer verify: error: /nonexistent/path does not exist"
+
+
+# configs that peft would read differently from the tensors (found in review)
+
+
+def edit_config(adapter, **changes):
+    config = json.loads((adapter / CONFIG).read_text())
+    config.update(changes)
+    (adapter / CONFIG).write_text(json.dumps(config))
+
+
+def test_rank_pattern_that_gives_a_module_another_rank(adapter, capsys):
+    edit_config(adapter, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2})
+    out = assert_fails_with(capsys, adapter, "disagree with the config (r, rank_pattern)")
+    assert "layers.0.self_attn.q_proj" in out
+
+
+def test_a_malformed_config_is_reported_not_raised(adapter, capsys):
+    edit_config(adapter, rank_pattern=["x"], lora_alpha=None)
+    out = assert_fails_with(capsys, adapter, "not a mapping of patterns to ranks")
+    assert "lora_alpha=None, not a positive number" in out
+
+
+def test_lora_modules_the_config_does_not_target(adapter, capsys):
+    edit_config(adapter, target_modules=["q_proj"])  # the v_proj tensors would be skipped by from_pretrained
+    assert_fails_with(capsys, adapter, "not in the config's target_modules")
+
+
+def test_a_checkpoint_with_the_adapter_at_its_root_passes(adapter, tmp_path, capsys):
+    # peft's own saving (Trainer on a top-level PeftModel) writes the adapter files into checkpoint-N itself
+    shutil.copytree(adapter, tmp_path / "native" / "checkpoint-2")
+    code, out, err = run_cli(capsys, "verify", tmp_path / "native")
+    assert code == 0, out + err
+    assert f"PASS {tmp_path / 'native' / 'checkpoint-2'}:" in out
+
+
+def test_a_checkpoint_without_adapter_or_weights_says_so(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    out = assert_fails_with(capsys, tmp_path / "run", "holds no adapter")
+    assert "full weights" not in out
