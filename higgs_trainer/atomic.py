@@ -33,22 +33,36 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    """Move ``source`` to ``target``; an existing ``target`` is moved aside first and removed after.
+
+    If the second rename fails, the previous ``target`` is moved back before the error propagates.
+    """
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
-    os.rename(source, target)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old)
 
 
 def remove_residue(target: Path) -> None:
-    """Delete staging directories left beside ``target`` by earlier interrupted writes."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Clean up beside ``target`` after interrupted writes.
+
+    A previous ``target`` moved aside by a write that died between its two renames
+    (``.<name>.old-*`` with no ``target``) is moved back; other leftovers are deleted.
+    """
+    moved_aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if moved_aside and not target.exists():
+        os.rename(moved_aside.pop(), target)
+    for leftover in [*target.parent.glob(f".{target.name}.tmp-*"), *moved_aside]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -65,6 +79,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_residue(target)  # first, so that a previous target an interrupted write moved aside is back
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging

@@ -56,7 +56,9 @@ def _fsdp1_full_params(fsdp_root: torch.nn.Module | None) -> contextlib.Abstract
     if fsdp_root is not None and type(fsdp_root).__name__ == "FullyShardedDataParallel":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        return FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, offload_to_cpu=True)
+        # offload_to_cpu keeps the gathered copies out of GPU memory; on CPU there is nothing to offload to.
+        on_gpu = any(p.is_cuda for p in fsdp_root.parameters())
+        return FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, offload_to_cpu=on_gpu)
     return contextlib.nullcontext()
 
 

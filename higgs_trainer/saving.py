@@ -45,22 +45,40 @@ class SavedAdapter:
 
 
 def expected_adapter_shapes(
-    peft_model: PeftModel, adapter_name: str = "default", save_embedding_layers: bool = False
+    peft_model: PeftModel,
+    adapter_name: str = "default",
+    save_embedding_layers: bool = False,
+    gathered: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """The keys and full shapes an adapter file of ``peft_model`` must hold, read from the live model.
 
     Uses DeepSpeed's ``ds_shape`` where parameters are partitioned, so the answer is the full
-    shape even when the local tensor is empty.
+    shape even when the local tensor is empty. Inside FSDP1 units the live ``state_dict()`` is a
+    collective, which the one writing process must not start: there the shapes come from
+    ``gathered``, the component's part of the state dict that was gathered for saving.
 
     Examples:
         >>> expected_adapter_shapes(peft_model)  # doctest: +SKIP
         {'base_model.model.layers.0.self_attn.q_proj.lora_A.weight': (4, 64), ...}
     """
-    live = peft_model.state_dict(keep_vars=True)
+    if gathered is not None and has_fsdp1_units(peft_model):
+        live = gathered
+    else:
+        live = peft_model.state_dict(keep_vars=True)
     adapter_state = get_peft_model_state_dict(
         peft_model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
     )
     return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
+
+
+def has_fsdp1_units(module: torch.nn.Module) -> bool:
+    """True when ``module`` holds FSDP1 (``FullyShardedDataParallel``) units, whose ``state_dict()`` is a collective.
+
+    Examples:
+        >>> has_fsdp1_units(torch.nn.Linear(2, 2))
+        False
+    """
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
 
 
 def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,7 +142,8 @@ def write_lora_adapters(
                 "Under DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true."
             )
     expected = {
-        name: expected_adapter_shapes(peft_model, name, save_embedding_layers) for name in peft_model.peft_config
+        name: expected_adapter_shapes(peft_model, name, save_embedding_layers, gathered=component_state)
+        for name in peft_model.peft_config
     }
     try:
         with staged_directory(target) as staging:
@@ -145,7 +164,9 @@ def write_lora_adapters(
     except AdapterVerificationError as exc:
         raise AdapterVerificationError(f"{exc} (nothing written to {target}; the previous adapter is intact)") from exc
     except OSError as exc:
-        raise AdapterSaveError(f"moving the verified adapter into {target} failed: {exc}") from exc
+        raise AdapterSaveError(
+            f"writing the LoRA adapter into {target} failed: {exc} (the previous adapter, if any, is intact)"
+        ) from exc
     saved = SavedAdapter(
         path=str(target),
         component_path=component.display_path,

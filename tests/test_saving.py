@@ -1,5 +1,6 @@
 """Saving with the real Trainer and peft: fail-fast discovery, atomic writes under failure, refused bad state dicts."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,34 @@ def test_a_failed_save_leaves_the_previous_adapter_byte_identical(monkeypatch, s
     monkeypatch.undo()  # the next save works and replaces the adapter with the changed weights
     write_lora_adapters(component, out)
     assert snapshot(out / "lora_adapters")["adapter_model.safetensors"] != before["adapter_model.safetensors"]
+    assert residue(out) == []
+
+
+def test_a_failed_final_rename_moves_the_previous_adapter_back(monkeypatch, saved_once):
+    component, out, before = saved_once
+    real_rename = os.rename
+
+    def rename(source, target):  # the move of the new adapter into place fails; moving the old one aside works
+        if ".tmp-" in str(source):
+            raise OSError(5, "Input/output error")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(AdapterSaveError, match="Input/output error"):
+        write_lora_adapters(component, out)
+    monkeypatch.undo()
+    assert snapshot(out / "lora_adapters") == before
+    assert residue(out) == []
+
+
+def test_a_previous_adapter_left_moved_aside_by_a_crash_is_restored(saved_once):
+    component, out, before = saved_once
+    # a process killed between the two renames leaves the previous adapter only as .lora_adapters.old-*
+    os.rename(out / "lora_adapters", out / ".lora_adapters.old-deadbeef")
+    from higgs_trainer.atomic import remove_residue
+
+    remove_residue(out / "lora_adapters")
+    assert snapshot(out / "lora_adapters") == before
     assert residue(out) == []
 
 
