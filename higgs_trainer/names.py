@@ -11,6 +11,9 @@ from __future__ import annotations
 # Where the trainer writes the adapter, inside every checkpoint-N and the final output directory.
 ADAPTER_DIRNAME = "lora_adapters"
 
+# Written into a checkpoint-N that holds the adapter but not the base weights (adapter_only_checkpoints=True).
+ADAPTER_ONLY_MARKER = "adapter_only_checkpoint.json"
+
 # What peft's save_pretrained writes (peft.utils.CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME).
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

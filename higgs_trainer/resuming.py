@@ -16,22 +16,25 @@ from peft.utils import set_peft_model_state_dict
 
 from .discovery import LoraComponent
 from .errors import AdapterVerificationError
-from .names import ADAPTER_DIRNAME, FULL_WEIGHT_FILES
+from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
 from .verification import read_adapter_tensors
 
 logger = logging.getLogger(__name__)
 
 
 def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
-    """True when ``checkpoint`` has ``lora_adapters/`` but no full model weights.
+    """True when ``checkpoint`` was written with ``adapter_only_checkpoints=True``: ``lora_adapters/`` and no base weights.
+
+    Recognised by the marker file the trainer writes there (``adapter_only_checkpoint.json``), not
+    by missing weight files: FSDP's sharded checkpoints and peft's own saves have no
+    ``model.safetensors`` either.
 
     Examples:
         >>> is_adapter_only_checkpoint("out/checkpoint-500")  # doctest: +SKIP
         True
     """
     checkpoint = Path(checkpoint)
-    has_full = any((checkpoint / name).is_file() for name in FULL_WEIGHT_FILES)
-    return not has_full and (checkpoint / ADAPTER_DIRNAME).is_dir()
+    return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and (checkpoint / ADAPTER_DIRNAME).is_dir()
 
 
 def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 from typing import Any
@@ -19,10 +20,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel, Trainer
 
 from ._compat import rng_state_safe_globals
-from .discovery import LoraComponent, find_lora_model
-from .errors import HiggsTrainerError
+from .discovery import LoraComponent, canonical_name, find_lora_model
+from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
-from .names import ADAPTER_DIRNAME
+from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
 from .resuming import is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
 
@@ -81,7 +82,47 @@ class LoraAdapterSavingMixin:
             )
         if self.model is not None:  # with model_init the model exists only once train() starts
             component = self.lora_component()
+            self._check_options(component)
             logger.info("LoRA adapters will be saved from the PeftModel at %s", component.display_path)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(LoraAdapterSavingMixin) > mro.index(Trainer):
+            raise TypeError(
+                f"{cls.__name__}: LoraAdapterSavingMixin must come before the Trainer class in the bases, or its "
+                f"saving never runs: class {cls.__name__}(LoraAdapterSavingMixin, <your Trainer>)"
+            )
+
+    def _check_options(self, component: LoraComponent) -> None:
+        """Refuse, before training, option combinations that could not be saved or resumed as promised."""
+        if self.save_embedding_layers:
+            try:
+                component.model.get_input_embeddings()
+            except (NotImplementedError, AttributeError) as exc:
+                raise HiggsTrainerError(
+                    f"save_embedding_layers=True needs a base model with get_input_embeddings(); "
+                    f"{type(component.model.get_base_model()).__name__} has none: keep the default False"
+                ) from exc
+            if self._adapter_is_gathered():
+                raise HiggsTrainerError(
+                    "save_embedding_layers=True needs the full state dict at save time: set DeepSpeed's "
+                    "stage3_gather_16bit_weights_on_model_save: true (or FSDP's FULL_STATE_DICT)"
+                )
+        if self.adapter_only_checkpoints:
+            root = self.accelerator.unwrap_model(self.model)
+            inside = f"{component.path}." if component.path else ""
+            outside = [
+                canonical_name(name)
+                for name, param in root.named_parameters()
+                if param.requires_grad and not canonical_name(name).startswith(inside)
+            ]
+            if outside:
+                raise HiggsTrainerError(
+                    f"adapter_only_checkpoints=True keeps only the PeftModel at {component.display_path}, but "
+                    f"{len(outside)} trainable parameter(s) lie outside it ({listed(outside)}): a resume would lose "
+                    "their training. Make them part of the PeftModel (modules_to_save) or keep full checkpoints."
+                )
 
     def lora_component(self) -> LoraComponent:
         """The PEFT component that is saved, found in the unwrapped model.
@@ -106,8 +147,15 @@ class LoraAdapterSavingMixin:
             return "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
         return False
 
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        self._saving_checkpoint = True  # save_model's _internal_call is also set by push_to_hub: not enough
+        try:
+            return super()._save_checkpoint(*args, **kwargs)
+        finally:
+            self._saving_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.adapter_only_checkpoints and _internal_call:  # a checkpoint-N save from _save_checkpoint
+        if self.adapter_only_checkpoints and getattr(self, "_saving_checkpoint", False):  # checkpoint-N only
             self._save_adapter_only_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
             return
         super().save_model(output_dir, _internal_call)
@@ -137,6 +185,9 @@ class LoraAdapterSavingMixin:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # transformers' TRAINING_ARGS_NAME
+        marker = {"adapter_dir": ADAPTER_DIRNAME, "component": self.last_saved_adapter.component_path}
+        with open(os.path.join(output_dir, ADAPTER_ONLY_MARKER), "w") as handle:
+            json.dump(marker, handle)
 
     # Trainer stores its DeepSpeed engine in `self.deepspeed` right before loading a checkpoint into it on resume;
     # with adapter-only checkpoints the engine must accept a module state without the frozen base weights.
@@ -170,7 +221,9 @@ class LoraAdapterSavingMixin:
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
-        if best is not None and is_adapter_only_checkpoint(best):
+        # Under DeepSpeed the parameters are partitioned: Trainer loads the engine's own checkpoint (frozen base left
+        # out, allowed by the `deepspeed` setter); loading the adapter into live partitioned parameters would not stick.
+        if best is not None and is_adapter_only_checkpoint(best) and not self.is_deepspeed_enabled:
             logger.info("Loading best model from %s (adapter-only checkpoint)", best)
             load_lora_adapters(self.lora_component(), os.path.join(best, ADAPTER_DIRNAME))
             return

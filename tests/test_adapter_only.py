@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from higgs_trainer import HiggsLoraTrainer, verify_adapter
+from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, verify_adapter
 from tests.models import EarliestIsBest, RandomTokens, make_model, training_args
 
 
@@ -74,3 +74,32 @@ def test_load_best_model_at_end_from_adapter_only_checkpoints(tmp_path):
     final = final_adapter(tmp_path)
     assert all(torch.equal(final[k], v) for k, v in best.items())
     assert any(not torch.equal(final[k], v) for k, v in final_adapter(tmp_path / "checkpoint-4").items())
+
+
+def test_only_checkpoints_are_adapter_only_not_other_internal_saves(tmp_path):
+    # push_to_hub calls save_model(_internal_call=True) for the final model: that save stays a full one
+    trainer = run(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    trainer.save_model(_internal_call=True)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "adapter_only_checkpoint.json").exists()
+    assert (tmp_path / "checkpoint-2" / "adapter_only_checkpoint.json").is_file()
+
+
+def test_a_checkpoint_without_the_marker_is_not_taken_for_adapter_only(tmp_path):
+    from higgs_trainer.resuming import is_adapter_only_checkpoint
+
+    run(tmp_path)
+    assert is_adapter_only_checkpoint(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "adapter_only_checkpoint.json").unlink()  # e.g. FSDP's sharded checkpoint layout
+    assert not is_adapter_only_checkpoint(tmp_path / "checkpoint-2")
+
+
+def test_trainable_parameters_outside_the_peft_model_are_refused(tmp_path):
+    model = make_model()
+    model.head_scale = torch.nn.Parameter(torch.ones(1))  # trainable, outside the PeftModel: not in the adapter
+    with pytest.raises(HiggsTrainerError, match=r"1 trainable parameter\(s\) lie outside it \('head_scale'\)"):
+        HiggsLoraTrainer(
+            model=model, args=training_args(tmp_path), train_dataset=RandomTokens(), adapter_only_checkpoints=True
+        )
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -10,8 +10,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from higgs_trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, find_lora_model, verify_adapter
+from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, LoraAdapterSavingMixin, find_lora_model, verify_adapter
 from tests.models import (
+    HIGGS_STACK,
     EarliestIsBest,
     RandomTokens,
     assert_same_tensors,
@@ -170,3 +171,23 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7, msg=key)
     assert json.loads((resumed_dir / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_the_mixin_placed_after_the_trainer_is_refused_at_class_creation():
+    with pytest.raises(TypeError, match="must come before the Trainer class"):
+
+        class Wrong(Trainer, LoraAdapterSavingMixin):
+            pass
+
+
+def test_save_embedding_layers_needs_a_base_with_input_embeddings(tmp_path):
+    args = dict(model=make_model(), args=training_args(tmp_path), train_dataset=RandomTokens())
+    if HIGGS_STACK:  # HiggsAudioModel.get_input_embeddings raises NotImplementedError: refused before training
+        with pytest.raises(HiggsTrainerError, match="save_embedding_layers=True needs a base model"):
+            HiggsLoraTrainer(**args, save_embedding_layers=True)
+    else:
+        HiggsLoraTrainer(**args, save_embedding_layers=True).train()
+        assert any(
+            "embed_tokens" in k
+            for k in load_file(str(tmp_path / "checkpoint-2" / "lora_adapters" / "adapter_model.safetensors"))
+        )

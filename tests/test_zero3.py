@@ -66,3 +66,13 @@ def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactl
     resumed = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_zero3_adapter_only_load_best_model_at_end_ends_with_the_best_checkpoints_adapter(tmp_path):
+    # the partitioned parameters take the best checkpoint through DeepSpeed's own loader, not a live in-place load
+    torchrun("zero3_train.py", tmp_path, "--adapter-only", "--best-is-earliest", env={"DS_ACCELERATOR": "cpu"})
+    final = load_file(str(tmp_path / "lora_adapters" / "adapter_model.safetensors"))
+    best = load_file(str(tmp_path / "checkpoint-2" / "lora_adapters" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-4" / "lora_adapters" / "adapter_model.safetensors"))
+    assert sorted(final) == sorted(best) and all(torch.equal(final[k], best[k]) for k in final)
+    assert any(not torch.equal(final[k], last[k]) for k in final)

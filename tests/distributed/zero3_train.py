@@ -13,13 +13,14 @@ import torch
 from accelerate import PartialState
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
+from tests.models import EarliestIsBest, RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output_dir")
 parser.add_argument("--no-gather", action="store_true", help="stage3_gather_16bit_weights_on_model_save: false")
 parser.add_argument("--adapter-only", action="store_true", help="HiggsLoraTrainer(adapter_only_checkpoints=True)")
 parser.add_argument("--resume", help="checkpoint to resume from")
+parser.add_argument("--best-is-earliest", action="store_true", help="evaluate every 2 steps; load_best_model_at_end")
 options = parser.parse_args()
 output_dir, gather = options.output_dir, not options.no_gather
 rank = int(os.environ["RANK"])
@@ -47,10 +48,25 @@ args = training_args(
     use_cpu=False,
     warmup_steps=1,
     accelerator_config={"use_configured_state": True},
+    **(
+        dict(
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="step_score",
+            greater_is_better=True,
+        )
+        if options.best_is_earliest
+        else {}
+    ),
 )
 model = make_model("model")
 trainer = HiggsLoraTrainer(
-    model=model, args=args, train_dataset=RandomTokens(), adapter_only_checkpoints=options.adapter_only
+    model=model,
+    args=args,
+    train_dataset=RandomTokens(),
+    adapter_only_checkpoints=options.adapter_only,
+    **(dict(eval_dataset=RandomTokens(n=4, seed=5), callbacks=[EarliestIsBest()]) if options.best_is_earliest else {}),
 )
 with SavedAdapters() as saved:
     trainer.train(resume_from_checkpoint=options.resume)
