@@ -21,7 +21,8 @@ engine = {}
 if mode.startswith("zero3"):
     engine["deepspeed"] = {
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": mode == "zero3-gather"},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0}},
+        # torch's AdamW inside DeepSpeed: its fused CUDA Adam would need a compiler on the GPU machine
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0, "torch_adam": True}},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -50,3 +51,5 @@ if dist.get_rank() == 0:
     loaded = PeftModel.from_pretrained(tiny_base_model(), os.path.join(output_dir, "lora_adapters"))
     torch.testing.assert_close(logits_of(loaded, probe_batch()), trained, rtol=2e-3, atol=2e-3)
     print(f"{mode}: OK, adapters complete and the final one reproduces the trained logits")
+dist.barrier()
+dist.destroy_process_group()
