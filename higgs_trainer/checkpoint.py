@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -38,13 +37,12 @@ from .names import (
     LORA_PAIRS,
     PEFT_KEY_PREFIX,
     PICKLE_INDEX,
-    PICKLE_NAME,
     PICKLE_WEIGHTS,
     SAFE_INDEX,
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
-from .verification import read_json_object
+from .verification import holds_adapter_files, is_valid_alpha, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +207,7 @@ def _weight_files(directory: Path) -> list[Path]:
             return [directory / n for n in names]
         if (directory / single).is_file():
             return [directory / single]
-    if (directory / SAFETENSORS_NAME).is_file() or (directory / PICKLE_NAME).is_file():
+    if holds_adapter_files(directory):
         raise CheckpointError(
             f"{directory} holds an adapter ({SAFETENSORS_NAME}), not full weights: nothing to extract; "
             "check it with `higgs-trainer verify`"
@@ -257,7 +255,7 @@ class LoraLayout:
     """Where a PEFT component's LoRA tensors sit in a full checkpoint, and what they imply.
 
     ``keys`` maps checkpoint keys to adapter-file keys (``base_model.model.<module>.lora_A.weight``);
-    ``r`` is the most common rank, ``rank_pattern`` the modules with another one;
+    ``ranks`` gives each LoRA module's rank, ``r`` the most common one;
     ``target_modules`` reproduces exactly the LoRA modules found (leaf names when those are exact
     in this model, otherwise a full-match regex of the module paths).
 
@@ -268,21 +266,27 @@ class LoraLayout:
     """
 
     prefix: str
-    adapter_name: str
     keys: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
-    modules: tuple[str, ...]
     other_modules: frozenset[str]
     ranks: dict[str, int]
     r: int
-    rank_pattern: dict[str, int]
     target_modules: list[str] | str
     lora_bias: bool
 
     @property
-    def num_parameters(self) -> int:
-        """Parameters in the LoRA tensors."""
-        return sum(torch.Size(shape).numel() for shape in self.shapes.values())
+    def modules(self) -> tuple[str, ...]:
+        """The LoRA modules' paths in the base model, sorted."""
+        return tuple(sorted(self.ranks))
+
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        """peft's ``rank_pattern`` for the modules whose rank is not ``r``.
+
+        Anchored: peft matches a key against the end of a module path (``(.*\\.)?(key)$``), so a bare
+        ``layers.0.self_attn.q_proj`` would also set the rank of ``audio_tower.layers.0.self_attn.q_proj``.
+        """
+        return {"^" + re.escape(module): rank for module, rank in self.ranks.items() if rank != self.r}
 
 
 def _module_of(path: str) -> str:
@@ -387,10 +391,6 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     if bad_rank:
         raise CheckpointError(f"{len(bad_rank)} LoRA pair(s) have ranks that disagree: {listed(bad_rank)}")
     r = sorted(Counter(ranks.values()).items(), key=lambda item: (-item[1], -item[0]))[0][0]
-    # Anchored: peft matches a rank_pattern key against the end of a module path ("(.*\.)?(key)$"), so a bare
-    # "layers.0.self_attn.q_proj" would also set the rank of "audio_tower.layers.0.self_attn.q_proj".
-    rank_pattern = {"^" + re.escape(module): rank for module, rank in ranks.items() if rank != r}
-
     modules = tuple(sorted(ranks))
     all_modules = {_module_of(name[len(section) :]) for name in names.values() if name.startswith(section)}
     others = frozenset(all_modules - set(modules))
@@ -402,14 +402,11 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         target_modules = sorted(leaves)
     return LoraLayout(
         prefix=chosen,
-        adapter_name=adapter,
         keys=keys,
         shapes=out_shapes,
-        modules=modules,
         other_modules=others,
         ranks=ranks,
         r=r,
-        rank_pattern=rank_pattern,
         target_modules=target_modules,
         lora_bias=lora_bias,
     )
@@ -522,16 +519,6 @@ def _alpha_in(path: Path) -> tuple[float, dict | None] | None:
     if alpha is not None:
         logger.warning("ignoring lora_alpha %r in %s: not a positive number", alpha, path)
     return None
-
-
-def is_valid_alpha(value: Any) -> bool:
-    """True for a usable ``lora_alpha``: a finite positive number (not a bool).
-
-    Examples:
-        >>> is_valid_alpha(32), is_valid_alpha(0), is_valid_alpha(True), is_valid_alpha(float("inf"))
-        (True, False, False, False)
-    """
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def find_lora_settings(

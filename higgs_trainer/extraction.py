@@ -30,7 +30,7 @@ from .checkpoint import (
 )
 from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
 from .names import SAFETENSORS_NAME
-from .verification import configured_rank, human_size, verify_adapter
+from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
             **extra,
         )
     try:
-        config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**settings.config))
+        config = lora_config_from_dict(settings.config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapter config from {settings.source} is not a valid LoraConfig: {exc}") from exc
     config.inference_mode = True
@@ -156,18 +156,18 @@ def extract_adapter(
         layout = find_lora_layout(weights.shapes, prefix)
         settings = find_lora_settings(checkpoint, lora_alpha, adapter_config)
         config = _checked_config(layout, settings)
+        checkpoint_bytes = weights.num_bytes
         logger.info(
             "Found %d LoRA tensors under prefix %r in %s (%s): r=%d, lora_alpha=%s from %s",
             len(layout.keys),
             layout.prefix,
             checkpoint,
-            human_size(weights.num_bytes),
+            human_size(checkpoint_bytes),
             layout.r,
             settings.lora_alpha,
             settings.source,
         )
         tensors = {layout.keys[key]: value for key, value in weights.read(layout.keys).items()}
-        checkpoint_bytes = weights.num_bytes
     tensors = {key: value.contiguous() for key, value in sorted(tensors.items())}
     num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     try:

@@ -40,6 +40,16 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
 
 
+def has_fsdp1_units(module: torch.nn.Module) -> bool:
+    """True when ``module`` holds FSDP1 (``FullyShardedDataParallel``) units, whose ``state_dict()`` is a collective.
+
+    Examples:
+        >>> has_fsdp1_units(torch.nn.Linear(2, 2))
+        False
+    """
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
+
+
 def is_sharded(module: torch.nn.Module) -> bool:
     """True when any parameter of ``module`` is partitioned (DeepSpeed ZeRO-3, FSDP2 DTensor) or FSDP1-wrapped.
 
@@ -47,7 +57,7 @@ def is_sharded(module: torch.nn.Module) -> bool:
         >>> is_sharded(torch.nn.Linear(2, 2))
         False
     """
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+    if has_fsdp1_units(module):
         return True
     return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters())
 

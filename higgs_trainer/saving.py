@@ -21,6 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from .atomic import staged_directory
 from .discovery import LoraComponent
 from .errors import AdapterSaveError, AdapterVerificationError
+from .gathering import has_fsdp1_units
 from .names import ADAPTER_DIRNAME
 from .verification import human_size, verify_adapter
 
@@ -69,16 +70,6 @@ def expected_adapter_shapes(
         peft_model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
     )
     return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
-
-
-def has_fsdp1_units(module: torch.nn.Module) -> bool:
-    """True when ``module`` holds FSDP1 (``FullyShardedDataParallel``) units, whose ``state_dict()`` is a collective.
-
-    Examples:
-        >>> has_fsdp1_units(torch.nn.Linear(2, 2))
-        False
-    """
-    return any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules())
 
 
 def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

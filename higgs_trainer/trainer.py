@@ -74,6 +74,7 @@ class LoraAdapterSavingMixin:
         self.save_embedding_layers = save_embedding_layers
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.last_saved_adapter: SavedAdapter | None = None
+        self._saving_checkpoint = False  # True inside _save_checkpoint: what makes a save a checkpoint-N one
         super().__init__(*args, **kwargs)
         if adapter_only_checkpoints and self.is_fsdp_enabled:
             raise HiggsTrainerError(
@@ -112,11 +113,8 @@ class LoraAdapterSavingMixin:
         if self.adapter_only_checkpoints:
             root = self.accelerator.unwrap_model(self.model)
             inside = f"{component.path}." if component.path else ""
-            outside = [
-                canonical_name(name)
-                for name, param in root.named_parameters()
-                if param.requires_grad and not canonical_name(name).startswith(inside)
-            ]
+            trainable = [canonical_name(name) for name, param in root.named_parameters() if param.requires_grad]
+            outside = [name for name in trainable if not name.startswith(inside)]
             if outside:
                 raise HiggsTrainerError(
                     f"adapter_only_checkpoints=True keeps only the PeftModel at {component.display_path}, but "
@@ -155,7 +153,7 @@ class LoraAdapterSavingMixin:
             self._saving_checkpoint = False
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.adapter_only_checkpoints and getattr(self, "_saving_checkpoint", False):  # checkpoint-N only
+        if self.adapter_only_checkpoints and self._saving_checkpoint:  # checkpoint-N only
             self._save_adapter_only_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
             return
         super().save_model(output_dir, _internal_call)

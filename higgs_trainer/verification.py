@@ -62,6 +62,38 @@ class AdapterSummary:
         return not self.problems
 
 
+def holds_adapter_files(directory: Path) -> bool:
+    """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
+
+    Examples:
+        >>> holds_adapter_files(Path("out/lora_adapters"))  # doctest: +SKIP
+        True
+    """
+    return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
+
+
+def is_valid_alpha(value: object) -> bool:
+    """True for a usable ``lora_alpha``: a finite positive number (not a bool).
+
+    Examples:
+        >>> is_valid_alpha(32), is_valid_alpha(0), is_valid_alpha(True), is_valid_alpha(float("inf"))
+        (True, False, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def lora_config_from_dict(config: Mapping) -> LoraConfig:
+    """peft's ``LoraConfig`` for an ``adapter_config.json``'s contents, as peft builds it (unknown keys dropped).
+
+    Raises ``TypeError`` or ``ValueError`` for a config peft rejects.
+
+    Examples:
+        >>> lora_config_from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}).r
+        4
+    """
+    return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
+
+
 def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
     """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
 
@@ -222,7 +254,7 @@ def _lora_config_problems(config: Mapping) -> list[str]:
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         problems.append(f"adapter_config.json has r={r!r}, not a positive integer")
     alpha = config.get("lora_alpha")
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+    if not is_valid_alpha(alpha):
         problems.append(f"adapter_config.json has lora_alpha={alpha!r}, not a positive number")
     pattern = config.get("rank_pattern")
     if pattern is not None and not (
@@ -240,7 +272,7 @@ def _lora_config_problems(config: Mapping) -> list[str]:
 def _as_lora_config(config: Mapping, problems: list[str]) -> LoraConfig | None:
     """``config`` as peft's ``LoraConfig`` (to match rank patterns and targets as peft does), or None with a problem."""
     try:
-        return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
+        return lora_config_from_dict(config)
     except (TypeError, ValueError) as exc:
         problems.append(f"adapter_config.json is not a valid LoraConfig for peft: {first_line(exc)}")
         return None
@@ -261,9 +293,13 @@ def configured_rank(config: LoraConfig, module: str) -> int:
 
 
 def inspect_adapter(
-    directory: str | Path, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
+    directory: str | Path,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    base_model: torch.nn.Module | None = None,
 ) -> AdapterSummary:
     """Read an adapter directory and report what it holds and every problem found; never raises for bad content.
+
+    With ``base_model`` (which may be on the meta device), also `check_adapter_modules` against it.
 
     Examples:
         >>> summary = inspect_adapter("out/lora_adapters")  # doctest: +SKIP
@@ -287,6 +323,8 @@ def inspect_adapter(
     summary.num_parameters = sum(t.numel() for t in tensors.values())
     summary.num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     summary.problems.extend(check_adapter_tensors(config, tensors, expected_shapes))
+    if base_model is not None and tensors:
+        summary.problems.extend(check_adapter_modules(tensors, base_model))
     return summary
 
 
@@ -342,7 +380,7 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise AdapterVerificationError(f"{path} is not a directory")
-    if any((path / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)):
+    if holds_adapter_files(path):
         return _with_named_adapters(path)
     own = path / ADAPTER_DIRNAME
     has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
@@ -362,7 +400,7 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
 def _adapter_of_checkpoint(checkpoint: Path) -> Path:
     """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
     own = checkpoint / ADAPTER_DIRNAME
-    if not own.exists() and any((checkpoint / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)):
+    if not own.exists() and holds_adapter_files(checkpoint):
         return checkpoint
     return own
 
@@ -372,7 +410,7 @@ def _with_named_adapters(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return [directory]
     named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
-    top = not named or any((directory / n).is_file() for n in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
+    top = not named or holds_adapter_files(directory)
     return ([directory] if top else []) + named
 
 
@@ -458,10 +496,7 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
                 problem = f"{checkpoint} holds no adapter: no {directory.name}/, no {CONFIG_NAME}, no model weights"
             summaries.append(AdapterSummary(path=str(directory), problems=[problem]))
             continue
-        summary = inspect_adapter(directory)
-        if base_model is not None and summary.num_tensors:
-            summary.problems.extend(check_adapter_modules(read_adapter_tensors(directory), base_model))
-        summaries.append(summary)
+        summaries.append(inspect_adapter(directory, base_model=base_model))
     return summaries
 
 
@@ -470,10 +505,13 @@ __all__ = [
     "adapter_dirs_of",
     "check_adapter_modules",
     "check_adapter_tensors",
+    "holds_adapter_files",
     "configured_rank",
     "human_size",
     "inspect_adapter",
     "inspect_path",
+    "is_valid_alpha",
+    "lora_config_from_dict",
     "read_adapter_config",
     "read_adapter_tensors",
     "read_json_object",
