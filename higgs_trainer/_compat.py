@@ -8,12 +8,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
 from packaging.version import Version
+
+from .errors import HiggsTrainerError
 
 _TRANSFORMERS = Version(transformers.__version__)
 
@@ -57,3 +60,71 @@ def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> Non
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(directory), **kwargs)
+
+
+# DeepSpeed and adapter-only checkpoints of a *wrapped* PeftModel.
+#
+# transformers decides both by `_is_peft_model(self.model)`, which is false for a plain nn.Module wrapper around a
+# PeftModel (the community scripts' layout). Both shims can go if transformers ever looks for a PeftModel inside the
+# wrapper; until then they are needed on 4.46.3 and 5.x alike.
+
+
+@contextlib.contextmanager
+def exclude_frozen_parameters_on_save(engine: Any) -> Iterator[None]:
+    """For one save: ``engine.save_checkpoint`` leaves the frozen (base) parameters out of DeepSpeed's checkpoint.
+
+    Works around ``Trainer._save_optimizer_and_scheduler`` (transformers 4.46.3 trainer.py:3233, 5.24
+    trainer.py:3558: ``if accept_exclude_frozen_parameters and _is_peft_model(self.model):
+    self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)``), which writes
+    the whole frozen base into every checkpoint of a wrapper. Whatever ``engine.save_checkpoint`` was
+    before (the class's method, or an instance attribute someone else set) is put back afterwards;
+    nested use is harmless.
+    """
+    had_own = "save_checkpoint" in vars(engine)
+    previous = vars(engine).get("save_checkpoint")
+    current = engine.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        kwargs["exclude_frozen_parameters"] = True
+        return current(*args, **kwargs)
+
+    save_checkpoint.__signature__ = inspect.signature(current)  # Trainer probes it for the keyword
+    engine.save_checkpoint = save_checkpoint
+    try:
+        yield
+    finally:
+        if had_own:
+            engine.save_checkpoint = previous
+        else:
+            del engine.save_checkpoint
+
+
+_ALLOWS_MISSING_FROZEN = "_higgs_trainer_allows_missing_frozen"
+
+
+def allow_missing_frozen_parameters(engine: Any) -> None:
+    """Let ``engine`` load a module state saved without its frozen parameters, strict about every other key.
+
+    Works around ``Trainer._load_from_checkpoint`` / ``_load_best_model`` (transformers 4.46.3
+    trainer.py:2300 and :2840, 5.24 trainer.py:1812 and :3756: ``deepspeed_load_checkpoint(...,
+    load_module_strict=not _is_peft_model(self.model))``), which loads a wrapper strictly, so a
+    checkpoint from `exclude_frozen_parameters_on_save` fails on the missing base weights. Uses
+    DeepSpeed's own ``allowed_missing_keys`` of ``load_module_state_dict`` (deepspeed >= 0.18).
+    Applying it again to the same engine changes nothing.
+    """
+    if getattr(engine.load_module_state_dict, _ALLOWS_MISSING_FROZEN, False):
+        return
+    original = engine.load_module_state_dict
+    if "allowed_missing_keys" not in inspect.signature(type(engine).load_module_state_dict).parameters:
+        raise HiggsTrainerError(
+            "adapter_only_checkpoints=True under DeepSpeed needs deepspeed >= 0.18 (load_module_state_dict's "
+            "allowed_missing_keys); upgrade deepspeed or keep full checkpoints."
+        )
+    frozen = {name for name, param in engine.module.named_parameters() if not param.requires_grad}
+
+    def load_module_state_dict(checkpoint: Any, strict: bool = True, *args: Any, **kwargs: Any) -> Any:
+        kwargs["allowed_missing_keys"] = frozen | set(kwargs.get("allowed_missing_keys") or ())
+        return original(checkpoint, strict, *args, **kwargs)
+
+    setattr(load_module_state_dict, _ALLOWS_MISSING_FROZEN, True)
+    engine.load_module_state_dict = load_module_state_dict

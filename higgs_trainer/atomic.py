@@ -1,18 +1,25 @@
 """Write a directory all at once: stage it beside the target, then rename it into place.
 
 A failed or interrupted write leaves the previous target as it was; a completed one leaves
-no staging residue (earlier interrupted writes' residue is removed too).
+no staging residue (earlier interrupted writes' residue is removed too). A write killed
+between its two renames leaves the previous target moved aside (``.<name>.old-*``):
+`find_directory` finds it there for every reader, and the next write moves it back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_tree(directory: Path) -> None:
@@ -24,12 +31,72 @@ def fsync_tree(directory: Path) -> None:
     _fsync_dir(directory)
 
 
+def _open_file_modes(directory: Path) -> None:
+    """Give the files under ``directory`` the mode a plain ``open()`` gives (the umask applied), as the directory has.
+
+    safetensors (0.8) writes its files owner-only (0600): on a shared training box nobody else
+    could read an adapter or a merged model. ``directory`` was made with ``mkdir``, so its mode is
+    ``0o777 & ~umask``; a file's is the same without the execute bits.
+    """
+    mode = directory.stat().st_mode & 0o666
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _moved_aside(target: Path) -> list[Path]:
+    """Earlier targets that writes moved aside (``.<name>.old-*``), oldest first."""
+    return sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+def check_replaceable(target: Path) -> None:
+    """Raise ``OSError`` unless ``target`` is absent or a real directory (not a symbolic link, not a file).
+
+    Checked before anything is written: replacing a link or a file the user put there is never
+    what they meant, and discovering it only at the final rename would leave both behind.
+
+    Examples:
+        >>> check_replaceable(Path("/tmp/does-not-exist-yet"))
+    """
+    if target.is_symlink():
+        raise NotADirectoryError(
+            f"{target} is a symbolic link (to {os.readlink(target)}), not a directory this library wrote; "
+            "remove the link or write elsewhere"
+        )
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; remove it or write elsewhere")
+
+
+def find_directory(target: str | os.PathLike) -> Path:
+    """``target``, or the previous ``target`` that a write killed between its two renames left moved aside.
+
+    For every reader of a directory written with `staged_directory` (verify, merge, extract,
+    resume): ``target`` is missing only when it was never written. The moved-aside copy is read
+    where it is, never moved back here (a reader renaming it could break a writer that is still
+    running); the next write moves it back.
+
+    Examples:
+        >>> find_directory("/tmp/never-written")
+        PosixPath('/tmp/never-written')
+    """
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return target
+    moved_aside = _moved_aside(target)
+    if not moved_aside:
+        return target
+    logger.warning("%s is missing: a write was interrupted after moving it aside; reading %s", target, moved_aside[-1])
+    return moved_aside[-1]
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -58,11 +125,28 @@ def remove_residue(target: Path) -> None:
     A previous ``target`` moved aside by a write that died between its two renames
     (``.<name>.old-*`` with no ``target``) is moved back; other leftovers are deleted.
     """
-    moved_aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    moved_aside = _moved_aside(target)
     if moved_aside and not target.exists():
         os.rename(moved_aside.pop(), target)
     for leftover in [*target.parent.glob(f".{target.name}.tmp-*"), *moved_aside]:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def as_os_error(exc: SafetensorError) -> OSError:
+    """The ``OSError`` inside a safetensors write error (a full disk is ``IoError(Os { code: 28, ... })``).
+
+    safetensors raises its own exception type for I/O failures; writers here report every failed
+    write as an ``OSError``, so callers need one ``except``.
+
+    Examples:
+        >>> str(as_os_error(SafetensorError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
+        '[Errno 28] No space left on device'
+    """
+    code = re.search(r"code: (\d+)", str(exc))
+    if code:
+        errno = int(code.group(1))
+        return OSError(errno, os.strerror(errno))
+    return OSError(f"safetensors could not write: {' '.join(str(exc).split())}")
 
 
 @contextlib.contextmanager
@@ -70,7 +154,10 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory beside ``target``; on success it replaces ``target``.
 
     If the body raises, the staging directory is removed and ``target`` is untouched. Files are
-    flushed to disk before the rename.
+    flushed to disk before the rename. The directory and its files get the modes a plain ``mkdir``
+    and ``open`` give (the umask applies), not ``tempfile.mkdtemp``'s or safetensors' owner-only ones. A ``target`` that is a symbolic
+    link or a file is refused (``NotADirectoryError``) before anything is written; a safetensors
+    write error in the body is raised as the ``OSError`` it wraps.
 
     Examples:
         >>> with staged_directory("out/lora_adapters") as staging:  # doctest: +SKIP
@@ -78,11 +165,17 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         ...     verify_adapter(staging)
     """
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_residue(target)  # first, so that a previous target an interrupted write moved aside is back
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
     try:
-        yield staging
+        try:
+            yield staging
+        except SafetensorError as exc:
+            raise as_os_error(exc) from exc
+        _open_file_modes(staging)
         fsync_tree(staging)
         replace_directory(staging, target)
     finally:

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .atomic import find_directory
 from .discovery import canonical_name
 from .errors import CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .names import (
@@ -558,6 +559,8 @@ def find_lora_settings(
     for directory in directories:
         for name in _ALPHA_FILES:
             path = directory / name
+            if name.startswith(ADAPTER_DIRNAME + "/"):  # also where an interrupted re-save left it moved aside
+                path = find_directory(directory / ADAPTER_DIRNAME) / CONFIG_NAME
             if path.is_file():
                 found = _alpha_in(path)
                 if found is not None:

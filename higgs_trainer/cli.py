@@ -3,7 +3,8 @@
 Each subcommand calls one library function (`verification.inspect_path`,
 `extraction.extract_adapter`, `merging.merge_adapter`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
-error), 2 usage error, 130 interrupted. Errors are one line on stderr; ``--debug`` adds the traceback.
+error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an interrupted command
+removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
 
 Examples:
     >>> main(["verify", "out"])  # doctest: +SKIP
@@ -20,16 +21,18 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 import transformers
 
 from . import __version__
+from .atomic import find_directory
 from .checkpoint import existing_directory
 from .errors import HiggsTrainerError, UsageError, first_line
 from .extraction import extract_adapter
@@ -123,7 +126,7 @@ def _summary_line(summary: AdapterSummary) -> str:
 
 def _verify(args: argparse.Namespace) -> int:
     for path in args.paths:
-        if not Path(path).exists():
+        if not find_directory(path).exists():
             raise UsageError(f"{path} does not exist")
     base_model = empty_base_model(existing_directory(args.base, "base model")) if args.base else None
     summaries = [summary for path in args.paths for summary in inspect_path(path, base_model)]
@@ -192,6 +195,42 @@ def _merge(args: argparse.Namespace) -> int:
 # running
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so staging directories are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGINT unwind the stack (``finally`` blocks run, partial outputs are removed), once.
+
+    The first of them raises; any further one is ignored until the command has cleaned up and
+    returned, so a second Ctrl-C cannot cut the clean-up short. The previous handlers come back after.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated(signum)
+
+    previous = {
+        signum: signal.signal(signum, stop)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(signum) is not signal.SIG_IGN  # ignored by whoever started us (nohup, `cmd &`): stays so
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def _console(verbose: bool, debug: bool) -> Iterator[None]:
     """Logging to stderr for the run (WARNING, INFO with --verbose, DEBUG with --debug); library chatter off."""
@@ -251,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: name a command: verify, extract or merge", file=sys.stderr)
         return 2
-    with _console(args.verbose, args.debug):
+    with _console(args.verbose, args.debug), _interruptible():
         try:
             return args.handler(args)
         except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as other tools do
@@ -262,8 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (HiggsTrainerError, OSError) as exc:
             return _fail(args.command, exc, 1, args.debug)
         except KeyboardInterrupt:
-            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+            print(f"{PROG} {args.command}: interrupted (nothing written)", file=sys.stderr)
             return 130
+        except _Terminated as exc:
+            print(f"{PROG} {args.command}: terminated by {exc} (nothing written)", file=sys.stderr)
+            return 128 + exc.signum
         except Exception as exc:
             return _fail(args.command, exc, 1, args.debug, unexpected=True)
 

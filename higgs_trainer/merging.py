@@ -29,9 +29,17 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
-from .atomic import staged_directory
+from .atomic import find_directory, staged_directory
 from .checkpoint import existing_directory, output_directory
-from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, UsageError, first_line
+from .errors import (
+    AdapterVerificationError,
+    CheckpointError,
+    HiggsTrainerError,
+    MergeError,
+    UsageError,
+    first_line,
+    listed,
+)
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
 from .verification import (
     check_adapter_modules,
@@ -117,8 +125,15 @@ def model_class_for(base_dir: str | os.PathLike) -> tuple[Any, type]:
             ) from exc
         return HiggsAudioConfig.from_pretrained(str(base_dir), local_files_only=True), HiggsAudioModel
     try:
-        config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+        # Never run a model directory's own Python (config.json's auto_map), whatever the user answers to a prompt.
+        config = transformers.AutoConfig.from_pretrained(str(base_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
+        if "auto_map" in raw:
+            raise CheckpointError(
+                f"{base_dir} needs its own Python code to load (auto_map in config.json, model_type "
+                f"{raw.get('model_type')!r}), and higgs-trainer never runs code from a model directory; merge it "
+                "with that code yourself"
+            ) from exc
         raise CheckpointError(
             f"transformers {transformers.__version__} cannot read the config in {base_dir}: {first_line(exc)}"
         ) from exc
@@ -157,19 +172,32 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
         torch.bfloat16
     """
     config, cls = model_class_for(base_dir)
-    kwargs = {"local_files_only": True, "output_loading_info": True, **from_pretrained_kwargs(dtype or "auto")}
+    kwargs = {
+        "local_files_only": True,
+        "trust_remote_code": False,  # never run a model directory's own code
+        "output_loading_info": True,
+        **from_pretrained_kwargs(dtype or "auto"),
+    }
     try:
         model, info = cls.from_pretrained(str(base_dir), config=config, **kwargs)
     except Exception as exc:  # OSError for missing files, safetensors/RuntimeError for corrupt or mismatched ones
         raise CheckpointError(f"cannot load the base model from {base_dir}: {first_line(exc)}") from exc
-    missing = sorted(info.get("missing_keys") or [])
+    # transformers < 5 with low_cpu_mem_usage reports no missing keys for weights absent from the files: they stay
+    # on the meta device and fail later with "cannot be called on meta tensors". Both are checked.
+    missing = sorted(set(info.get("missing_keys") or []) | set(_meta_tensor_names(model)))
     if missing:
         raise CheckpointError(
-            f"the weights in {base_dir} leave {len(missing)} parameter(s) of {cls.__name__} uninitialised "
-            f"(e.g. {missing[:3]}); not merging into random weights"
+            f"the weights in {base_dir} lack {len(missing)} weight(s) of {cls.__name__}: {listed(missing)}; "
+            "the base is incomplete (a shard missing or truncated?): not merging into missing weights"
         )
     model.eval()
     return model
+
+
+def _meta_tensor_names(model: torch.nn.Module) -> list[str]:
+    """Parameters and buffers of ``model`` still on the meta device, i.e. never loaded."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, tensor in tensors if tensor.is_meta]
 
 
 # checks
@@ -212,10 +240,11 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
         >>> resolve_adapter_dir("out/checkpoint-500")  # doctest: +SKIP
         PosixPath('out/checkpoint-500/lora_adapters')
     """
-    path = existing_directory(path, "adapter")
-    if not (path / CONFIG_NAME).is_file() and (path / ADAPTER_DIRNAME / CONFIG_NAME).is_file():
-        logger.info("Using the adapter in %s", path / ADAPTER_DIRNAME)
-        return path / ADAPTER_DIRNAME
+    path = existing_directory(find_directory(path), "adapter")
+    own = find_directory(path / ADAPTER_DIRNAME)
+    if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
+        logger.info("Using the adapter in %s", own)
+        return own
     return path
 
 

@@ -28,3 +28,6 @@ LORA_PAIRS = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_WEIGHTS, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 FULL_WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX)
+# Written last into every checkpoint-N by Trainer._save_checkpoint (transformers' TRAINER_STATE_NAME): a checkpoint
+# without it was interrupted while saving.
+TRAINER_STATE = "trainer_state.json"

@@ -14,12 +14,59 @@ from pathlib import Path
 
 from peft.utils import set_peft_model_state_dict
 
+from .atomic import find_directory
 from .discovery import LoraComponent
-from .errors import AdapterVerificationError
-from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
+from .errors import AdapterVerificationError, HiggsTrainerError
+from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER, TRAINER_STATE
+from .runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
 from .verification import read_adapter_tensors
 
 logger = logging.getLogger(__name__)
+
+
+def checkpoint_to_resume(output_dir: str | os.PathLike, requested: str | os.PathLike | bool) -> str | bool:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=requested)`` should load, never an interrupted one.
+
+    ``True``: the newest complete ``checkpoint-N`` of ``output_dir`` (newer, interrupted ones are
+    skipped with a warning); ``True`` is returned unchanged when there is no checkpoint at all, so
+    ``Trainer`` reports that as usual. A path to an interrupted ``checkpoint-N`` is refused.
+
+    Raises:
+        HiggsTrainerError: the requested checkpoint, or every checkpoint of the run, is interrupted.
+
+    Examples:
+        >>> checkpoint_to_resume("out", True)  # doctest: +SKIP
+        'out/checkpoint-4'
+    """
+    if requested is True:
+        checkpoints = checkpoints_of(output_dir)
+        if not checkpoints:
+            return True
+        complete = [c for c in checkpoints if is_complete_checkpoint(c)]
+        if not complete:
+            raise HiggsTrainerError(
+                f"no complete checkpoint to resume from in {output_dir}: {', '.join(c.name for c in checkpoints)} "
+                f"lack {TRAINER_STATE} (their saves were interrupted); delete them to start over, or train without "
+                "resume_from_checkpoint"
+            )
+        interrupted = [c.name for c in checkpoints[checkpoints.index(complete[-1]) + 1 :]]
+        if interrupted:
+            logger.warning(
+                "Skipping %s in %s: interrupted while saving (no %s); resuming from %s",
+                ", ".join(interrupted),
+                output_dir,
+                TRAINER_STATE,
+                complete[-1].name,
+            )
+        return str(complete[-1])
+    checkpoint = Path(requested)
+    if CHECKPOINT_NAME.match(checkpoint.name) and checkpoint.is_dir() and not is_complete_checkpoint(checkpoint):
+        complete = [c for c in checkpoints_of(checkpoint.parent) if is_complete_checkpoint(c)]
+        instead = f"resume from {complete[-1]}" if complete else "no complete checkpoint is left in that run"
+        raise HiggsTrainerError(
+            f"{checkpoint} was interrupted while saving (no {TRAINER_STATE}) and cannot be resumed from; {instead}"
+        )
+    return str(requested)
 
 
 def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
@@ -34,7 +81,7 @@ def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
         True
     """
     checkpoint = Path(checkpoint)
-    return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and (checkpoint / ADAPTER_DIRNAME).is_dir()
+    return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and find_directory(checkpoint / ADAPTER_DIRNAME).is_dir()
 
 
 def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike) -> None:
@@ -43,7 +90,7 @@ def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike)
     Examples:
         >>> load_lora_adapters(find_lora_model(wrapper), "out/checkpoint-500/lora_adapters")  # doctest: +SKIP
     """
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = find_directory(adapter_dir)
     for name in component.model.peft_config:
         directory = adapter_dir if name == "default" else adapter_dir / name
         tensors = read_adapter_tensors(directory)

@@ -8,32 +8,35 @@ The mixin keeps that full checkpoint exactly as ``Trainer`` writes it and adds
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, PeftType
 from transformers import PreTrainedModel, Trainer
 
-from ._compat import rng_state_safe_globals
-from .discovery import LoraComponent, canonical_name, find_lora_model
+from ._compat import allow_missing_frozen_parameters, exclude_frozen_parameters_on_save, rng_state_safe_globals
+from .atomic import check_replaceable
+from .discovery import LoraComponent, canonical_name, find_lora_model, unwrap_model
 from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
 from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
-from .resuming import is_adapter_only_checkpoint, load_lora_adapters
+from .resuming import checkpoint_to_resume, is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
 
 logger = logging.getLogger(__name__)
 
 
 def _component_of(trainer: Trainer, path: str | None = None) -> LoraComponent:
-    """The PEFT component of ``trainer.model``, unwrapped through the trainer's accelerator."""
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-    return find_lora_model(model, path=path)
+    """The PEFT component of ``trainer.model`` (DDP, DeepSpeed and ``torch.compile`` layers removed).
+
+    Not ``trainer.accelerator.unwrap_model``: accelerate 1.9 (the Higgs stack) raises ``KeyError: '_orig_mod'``
+    for a compiled submodule (see `discovery.unwrap_model`).
+    """
+    return find_lora_model(unwrap_model(trainer.model), path=path)
 
 
 class LoraAdapterSavingMixin:
@@ -70,6 +73,11 @@ class LoraAdapterSavingMixin:
         adapter_only_checkpoints: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{type(self).__name__} uses LoraAdapterSavingMixin without a transformers.Trainer: combine them, "
+                f"e.g. class {type(self).__name__}(LoraAdapterSavingMixin, Trainer)"
+            )
         self.lora_model_path = lora_model_path
         self.save_embedding_layers = save_embedding_layers
         self.adapter_only_checkpoints = adapter_only_checkpoints
@@ -96,7 +104,20 @@ class LoraAdapterSavingMixin:
             )
 
     def _check_options(self, component: LoraComponent) -> None:
-        """Refuse, before training, option combinations that could not be saved or resumed as promised."""
+        """Refuse, before training, setups that could not be saved or resumed as promised."""
+        not_lora = {name: config.peft_type for name, config in component.model.peft_config.items()}
+        not_lora = {name: str(getattr(kind, "value", kind)) for name, kind in not_lora.items() if kind != PeftType.LORA}
+        if not_lora:
+            kinds = ", ".join(f"{name!r} is {kind}" for name, kind in not_lora.items())
+            raise HiggsTrainerError(
+                f"the PeftModel at {component.display_path} holds non-LoRA adapters ({kinds}); higgs_trainer saves and "
+                "verifies LoRA adapters only: build it with peft.LoraConfig, or use plain transformers.Trainer"
+            )
+        if self.args.should_save:
+            try:
+                check_replaceable(Path(self.args.output_dir) / ADAPTER_DIRNAME)
+            except NotADirectoryError as exc:
+                raise HiggsTrainerError(f"cannot save the adapter there: {exc}") from exc
         if self.save_embedding_layers:
             try:
                 component.model.get_input_embeddings()
@@ -111,7 +132,7 @@ class LoraAdapterSavingMixin:
                     "stage3_gather_16bit_weights_on_model_save: true (or FSDP's FULL_STATE_DICT)"
                 )
         if self.adapter_only_checkpoints:
-            root = self.accelerator.unwrap_model(self.model)
+            root = unwrap_model(self.model)
             inside = f"{component.path}." if component.path else ""
             trainable = [canonical_name(name) for name, param in root.named_parameters() if param.requires_grad]
             outside = [name for name in trainable if not name.startswith(inside)]
@@ -196,20 +217,26 @@ class LoraAdapterSavingMixin:
     @deepspeed.setter
     def deepspeed(self, engine: Any) -> None:
         if engine is not None and self.adapter_only_checkpoints:
-            _allow_missing_frozen_parameters(engine)
+            allow_missing_frozen_parameters(engine)
         self.__dict__["_deepspeed_engine"] = engine
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not (self.adapter_only_checkpoints and self.is_deepspeed_enabled):
             return super()._save_optimizer_and_scheduler(output_dir)
-        # Trainer passes exclude_frozen_parameters=True only for a top-level PeftModel; a wrapper gets the frozen
-        # base written into every DeepSpeed checkpoint. Swap the flag in for this save only (as trl swaps models).
-        engine = self.model_wrapped
-        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
-        try:
+        # Trainer passes exclude_frozen_parameters=True only for a top-level PeftModel (see the shim).
+        with exclude_frozen_parameters_on_save(self.model_wrapped):
             super()._save_optimizer_and_scheduler(output_dir)
-        finally:
-            del engine.save_checkpoint
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* ``checkpoint-N``.
+
+        ``Trainer`` takes the highest-numbered one, which after a kill during a save is the
+        partial one, and fails on its missing files; here an interrupted checkpoint is skipped with
+        a warning (and naming one explicitly is refused with the name of the one to use).
+        """
+        if resume_from_checkpoint:
+            resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if is_adapter_only_checkpoint(resume_from_checkpoint):
@@ -230,26 +257,6 @@ class LoraAdapterSavingMixin:
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with rng_state_safe_globals():
             super()._load_rng_state(checkpoint)
-
-
-def _allow_missing_frozen_parameters(engine: Any) -> None:
-    """Let ``engine`` load a module state saved with ``exclude_frozen_parameters=True``, still strict about the rest.
-
-    Uses DeepSpeed's own ``allowed_missing_keys`` (deepspeed >= 0.18): only frozen parameters may be missing.
-    """
-    original = engine.load_module_state_dict
-    if "allowed_missing_keys" not in inspect.signature(original).parameters:
-        raise HiggsTrainerError(
-            "adapter_only_checkpoints=True under DeepSpeed needs deepspeed >= 0.18 (load_module_state_dict's "
-            "allowed_missing_keys); upgrade deepspeed or keep full checkpoints."
-        )
-    frozen = {name for name, param in engine.module.named_parameters() if not param.requires_grad}
-
-    def load_module_state_dict(checkpoint: Any, strict: bool = True, *args: Any, **kwargs: Any) -> Any:
-        kwargs["allowed_missing_keys"] = frozen | set(kwargs.get("allowed_missing_keys") or ())
-        return original(checkpoint, strict, *args, **kwargs)
-
-    engine.load_module_state_dict = load_module_state_dict
 
 
 class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
+from .atomic import find_directory
 from .errors import AdapterVerificationError, HiggsTrainerError, first_line, listed
 from .names import (
     ADAPTER_DIRNAME,
@@ -29,7 +30,9 @@ from .names import (
     PEFT_KEY_PREFIX,
     PICKLE_NAME,
     SAFETENSORS_NAME,
+    TRAINER_STATE,
 )
+from .runs import CHECKPOINT_NAME, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ def check_adapter_tensors(
         problems.append("the adapter holds no tensors")
         return problems
     lora_config = _as_lora_config(config, problems) if is_lora and not config_problems else None
-    misplaced, named, empty, nonfinite, bad_rank = [], [], [], [], []
+    misplaced, named, empty, nonfinite, bad_rank, not_float, bad_dims = [], [], [], [], [], [], []
     pieces: dict[tuple[str, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_KEY_PREFIX):
@@ -189,7 +192,12 @@ def check_adapter_tensors(
         module, part, rest = split
         if rest and rest[0] not in _PARAM_SUFFIXES:
             named.append(key)
-        if not rest or rest[0] == "weight":
+        is_weight = not rest or rest[0] == "weight"
+        if not tensor.is_floating_point():
+            not_float.append(f"{key} ({str(tensor.dtype).replace('torch.', '')})")
+        elif (tensor.dim() < 2) if is_weight else (tensor.dim() != 1):
+            bad_dims.append(f"{key} {tuple(tensor.shape)}")
+        if is_weight:
             pieces[(module, part)] = tensor
     if misplaced:
         problems.append(
@@ -202,6 +210,8 @@ def check_adapter_tensors(
         problems.append(f"{len(empty)} tensor(s) are empty (the ZeRO-3 partitioned-save failure): {listed(empty)}")
     if nonfinite:
         problems.append(f"{len(nonfinite)} tensor(s) hold NaN or inf: {listed(nonfinite)}")
+    if not_float:
+        problems.append(f"{len(not_float)} LoRA tensor(s) are not floating point: {listed(not_float)}")
 
     unpaired = []
     for (module, part), tensor in pieces.items():
@@ -209,11 +219,18 @@ def check_adapter_tensors(
         partner = pieces.get((module, partner_part))
         if partner is None:
             unpaired.append(f"{module}.{part}")
+        elif part in LORA_PAIRS and tensor.dim() != partner.dim():
+            bad_dims.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)})")
         elif part in LORA_PAIRS and tensor.numel() and partner.numel():
             rank_a, rank_b = tensor.shape[0], partner.shape[1] if partner.dim() > 1 else -1
             expected = configured_rank(lora_config, module) if lora_config is not None else rank_a
             if rank_a != rank_b or rank_a != expected:
                 bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, config r={expected})")
+    if bad_dims:
+        problems.append(
+            f"{len(bad_dims)} LoRA tensor(s) have the wrong number of dimensions (weights are matrices, A and B alike; "
+            f"biases are vectors): {listed(bad_dims)}"
+        )
     if unpaired:
         problems.append(f"{len(unpaired)} LoRA matrix(es) lack their partner: {listed(unpaired)}")
     if bad_rank:
@@ -247,25 +264,69 @@ def check_adapter_tensors(
     return problems
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_ints(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(item) for item in value)
+
+
+# The adapter_config.json fields peft reads when it loads or merges a LoRA adapter, and what each must be. peft
+# itself does not check them: a wrong type fails deep inside from_pretrained, or loads silently changed
+# (use_dora: "yes" is true). A field that is absent takes peft's default.
+_LORA_FIELDS: dict[str, tuple[str, object]] = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a positive number", is_valid_alpha),
+    "lora_dropout": (
+        "a number from 0 to 1",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+    ),
+    "bias": ("one of 'none', 'all', 'lora_only'", lambda v: v in ("none", "all", "lora_only")),
+    **{
+        name: ("true or false", lambda v: isinstance(v, bool))
+        for name in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "inference_mode", "use_qalora")
+    },
+    "init_lora_weights": ("true, false or the name of an init", lambda v: isinstance(v, (bool, str))),
+    **{
+        name: ("a string or a list of strings", lambda v: v is None or isinstance(v, str) or _is_strings(v))
+        for name in ("target_modules", "exclude_modules", "layers_pattern")
+    },
+    "modules_to_save": ("a list of module names", lambda v: v is None or _is_strings(v)),
+    "layers_to_transform": ("a layer index or a list of them", lambda v: v is None or _is_int(v) or _is_ints(v)),
+    "rank_pattern": (
+        "a mapping of patterns to ranks",
+        lambda v: v is None or (isinstance(v, dict) and all(_is_int(r) and r > 0 for r in v.values())),
+    ),
+    "alpha_pattern": (
+        "a mapping of patterns to alphas",
+        lambda v: v is None or (isinstance(v, dict) and all(is_valid_alpha(a) for a in v.values())),
+    ),
+    "trainable_token_indices": (
+        "a list of token ids or a mapping of module names to them",
+        lambda v: v is None or _is_ints(v) or (isinstance(v, dict) and all(_is_ints(i) for i in v.values())),
+    ),
+    **{
+        name: ("a string", lambda v: v is None or isinstance(v, str))
+        for name in ("task_type", "base_model_name_or_path")
+    },
+}
+_REQUIRED_FIELDS = ("r", "lora_alpha")
+
+
 def _lora_config_problems(config: Mapping) -> list[str]:
-    """Problems of the fields of a LoRA ``adapter_config.json`` that the checks and peft rely on."""
+    """Problems of the fields of a LoRA ``adapter_config.json`` that peft reads, each checked by type and value."""
     problems = []
-    r = config.get("r")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        problems.append(f"adapter_config.json has r={r!r}, not a positive integer")
-    alpha = config.get("lora_alpha")
-    if not is_valid_alpha(alpha):
-        problems.append(f"adapter_config.json has lora_alpha={alpha!r}, not a positive number")
-    pattern = config.get("rank_pattern")
-    if pattern is not None and not (
-        isinstance(pattern, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern.values())
-    ):
-        problems.append(f"adapter_config.json has rank_pattern={pattern!r}, not a mapping of patterns to ranks")
-    targets = config.get("target_modules")
-    if targets is not None and not (
-        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-    ):
-        problems.append(f"adapter_config.json has target_modules={targets!r}, not a string or a list of names")
+    for name, (expected, is_valid) in _LORA_FIELDS.items():
+        if name not in config and name not in _REQUIRED_FIELDS:
+            continue
+        value = config.get(name)
+        if not is_valid(value):
+            problems.append(f"adapter_config.json has {name}={value!r}, not {expected}")
     return problems
 
 
@@ -377,12 +438,12 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
         >>> [str(p) for p in adapter_dirs_of("out")]  # doctest: +SKIP
         ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
     """
-    path = Path(path)
+    path = find_directory(path)
     if not path.is_dir():
         raise AdapterVerificationError(f"{path} is not a directory")
     if holds_adapter_files(path):
         return _with_named_adapters(path)
-    own = path / ADAPTER_DIRNAME
+    own = find_directory(path / ADAPTER_DIRNAME)
     has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
     checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
     if not has_own and not checkpoints:
@@ -399,7 +460,7 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
 
 def _adapter_of_checkpoint(checkpoint: Path) -> Path:
     """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
-    own = checkpoint / ADAPTER_DIRNAME
+    own = find_directory(checkpoint / ADAPTER_DIRNAME)
     if not own.exists() and holds_adapter_files(checkpoint):
         return checkpoint
     return own
@@ -487,7 +548,12 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
     for directory in directories:
         if not directory.exists():
             checkpoint = directory.parent
-            if any((checkpoint / name).is_file() for name in FULL_WEIGHT_FILES):
+            if CHECKPOINT_NAME.match(checkpoint.name) and not is_complete_checkpoint(checkpoint):
+                problem = (
+                    f"{checkpoint} was interrupted while saving (no {TRAINER_STATE}, no {directory.name}/): it holds "
+                    "nothing usable; resume from an earlier checkpoint or delete it"
+                )
+            elif any((checkpoint / name).is_file() for name in FULL_WEIGHT_FILES):
                 problem = (
                     f"{checkpoint} has full weights but no {directory.name}/ (saved without an adapter); "
                     f"rescue it with `higgs-trainer extract {checkpoint} --output DIR`"
