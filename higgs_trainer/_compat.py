@@ -128,3 +128,29 @@ def allow_missing_frozen_parameters(engine: Any) -> None:
 
     setattr(load_module_state_dict, _ALLOWS_MISSING_FROZEN, True)
     engine.load_module_state_dict = load_module_state_dict
+
+
+def check_accelerate_can_unwrap(model: torch.nn.Module) -> None:
+    """Refuse, with the fix, a model whose submodule is ``torch.compile``'d where accelerate cannot unwrap it.
+
+    accelerate up to 1.12 (1.9.0 on the Higgs stack) raises ``KeyError: '_orig_mod'`` in
+    ``extract_model_from_parallel`` for a model that is not compiled itself but has a compiled
+    submodule (``wrapper.model = torch.compile(wrapper.model)``), and ``Trainer.__init__`` calls it
+    (transformers 4.46.3 trainer.py:585, ``self.accelerator.unwrap_model(model)``): accelerate issues
+    3683 and 3879, fixed by PR 3881. Feature-detected: a no-op where accelerate has the fix. Can go
+    once the Higgs stack's accelerate includes PR 3881.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    try:
+        extract_model_from_parallel(model)
+    except KeyError as exc:
+        if "_orig_mod" not in str(exc):
+            raise
+        import accelerate
+
+        raise HiggsTrainerError(
+            f"accelerate {accelerate.__version__} cannot unwrap a model with a torch.compile'd submodule, so "
+            "transformers.Trainer fails on it (KeyError '_orig_mod', accelerate issues 3683/3879): compile the whole "
+            "model with TrainingArguments(torch_compile=True) instead, or upgrade accelerate to a release with PR 3881"
+        ) from exc

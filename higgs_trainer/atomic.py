@@ -133,7 +133,7 @@ def remove_residue(target: Path) -> None:
 
 
 def as_os_error(exc: SafetensorError) -> OSError:
-    """The ``OSError`` inside a safetensors write error (a full disk is ``IoError(Os { code: 28, ... })``).
+    """The ``OSError`` inside a safetensors write error (a full disk: ``IoError(Os { code: 28, ... })`` or ``... (os error 28)``).
 
     safetensors raises its own exception type for I/O failures; writers here report every failed
     write as an ``OSError``, so callers need one ``except``.
@@ -142,9 +142,9 @@ def as_os_error(exc: SafetensorError) -> OSError:
         >>> str(as_os_error(SafetensorError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
         '[Errno 28] No space left on device'
     """
-    code = re.search(r"code: (\d+)", str(exc))
+    code = re.search(r"code: (\d+)|os error (\d+)", str(exc))
     if code:
-        errno = int(code.group(1))
+        errno = int(code.group(1) or code.group(2))
         return OSError(errno, os.strerror(errno))
     return OSError(f"safetensors could not write: {' '.join(str(exc).split())}")
 

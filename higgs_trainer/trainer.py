@@ -18,7 +18,12 @@ import torch
 from peft import PeftModel, PeftType
 from transformers import PreTrainedModel, Trainer
 
-from ._compat import allow_missing_frozen_parameters, exclude_frozen_parameters_on_save, rng_state_safe_globals
+from ._compat import (
+    allow_missing_frozen_parameters,
+    check_accelerate_can_unwrap,
+    exclude_frozen_parameters_on_save,
+    rng_state_safe_globals,
+)
 from .atomic import check_replaceable
 from .discovery import LoraComponent, canonical_name, find_lora_model, unwrap_model
 from .errors import HiggsTrainerError, listed
@@ -78,6 +83,9 @@ class LoraAdapterSavingMixin:
                 f"{type(self).__name__} uses LoraAdapterSavingMixin without a transformers.Trainer: combine them, "
                 f"e.g. class {type(self).__name__}(LoraAdapterSavingMixin, Trainer)"
             )
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, torch.nn.Module):
+            check_accelerate_can_unwrap(model)
         self.lora_model_path = lora_model_path
         self.save_embedding_layers = save_embedding_layers
         self.adapter_only_checkpoints = adapter_only_checkpoints

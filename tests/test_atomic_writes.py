@@ -126,6 +126,7 @@ def test_extract_on_a_full_disk(tmp_path, capsys):
     with small_tmpfs(tmp_path / "full", "4k") as full:
         with pytest.raises(AdapterSaveError, match="No space left on device"):
             extract_adapter(checkpoint, full / "rescued", lora_alpha=ALPHA)
+        capsys.readouterr()
         code, _, err = run_cli(capsys, "extract", checkpoint, "-o", full / "rescued", "--lora-alpha", ALPHA)
         assert code == 1
         assert_one_line_error(err, "No space left on device")
@@ -137,6 +138,7 @@ def test_merge_on_a_full_disk(component, base_dir, tmp_path, capsys):
     with small_tmpfs(tmp_path / "full", "64k") as full:
         with pytest.raises(MergeError, match="No space left on device"):
             merge_adapter(base_dir, tmp_path / "lora_adapters", full / "merged")
+        capsys.readouterr()  # the API call's own output (progress bars)
         code, _, err = run_cli(
             capsys, "merge", "--base", base_dir, "--adapter", tmp_path / "lora_adapters", "-o", full / "m"
         )
