@@ -6,6 +6,7 @@ Examples:
     >>> trainer.train()  # every checkpoint-N gets a verified lora_adapters/  # doctest: +SKIP
 """
 
+from ._version import __version__ as __version__  # re-exported: higgs_trainer.__version__
 from .discovery import LoraComponent, find_lora_model
 from .errors import (
     AdapterSaveError,
@@ -22,8 +23,6 @@ from .merging import MergeResult, merge_adapter
 from .saving import SavedAdapter
 from .trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, save_lora_adapters
 from .verification import AdapterSummary, inspect_adapter, inspect_path, verify_adapter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterSaveError",
