@@ -1,9 +1,12 @@
 """Save LoRA adapters correctly when fine-tuning Higgs Audio v2 (or any wrapped PEFT model) with ``transformers.Trainer``.
 
 Examples:
-    >>> from higgs_trainer import HiggsLoraTrainer
-    >>> trainer = HiggsLoraTrainer(model=wrapper, args=training_args, train_dataset=ds)  # doctest: +SKIP
-    >>> trainer.train()  # every checkpoint-N gets a verified lora_adapters/  # doctest: +SKIP
+    ```python
+    from higgs_trainer import HiggsLoraTrainer
+
+    trainer = HiggsLoraTrainer(model=wrapper, args=training_args, train_dataset=ds)
+    trainer.train()  # every checkpoint-N gets a verified lora_adapters/
+    ```
 """
 
 from ._version import __version__ as __version__  # re-exported: higgs_trainer.__version__

@@ -30,8 +30,9 @@ def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
     ``model.safetensors`` either.
 
     Examples:
-        >>> is_adapter_only_checkpoint("out/checkpoint-500")  # doctest: +SKIP
-        True
+        ```python
+        is_adapter_only_checkpoint("out/checkpoint-500")  # True for a checkpoint of adapter_only_checkpoints=True
+        ```
     """
     checkpoint = Path(checkpoint)
     return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and (checkpoint / ADAPTER_DIRNAME).is_dir()
@@ -41,7 +42,19 @@ def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike)
     """Load the adapter(s) saved in ``adapter_dir`` into ``component`` in place, refusing any key that does not fit.
 
     Examples:
-        >>> load_lora_adapters(find_lora_model(wrapper), "out/checkpoint-500/lora_adapters")  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> from higgs_trainer import find_lora_model
+        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> component = find_lora_model(wrapper)
+        >>> _ = write_lora_adapters(component, "out/checkpoint-2")
+        >>> with torch.no_grad():
+        ...     _ = component.model.base_model.model.q_proj.lora_A.default.weight.zero_()
+        >>> load_lora_adapters(component, "out/checkpoint-2/lora_adapters")  # the saved values are back
+        >>> bool(component.model.base_model.model.q_proj.lora_A.default.weight.any())
+        True
     """
     adapter_dir = Path(adapter_dir)
     for name in component.model.peft_config:
