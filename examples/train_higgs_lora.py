@@ -45,6 +45,8 @@ import argparse
 import json
 import logging
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -400,11 +402,24 @@ def report(args: argparse.Namespace) -> None:
             f"  {directory}: {s.num_tensors} tensors, {s.num_parameters} parameters, "
             f"{s.num_bytes} bytes, r={s.r}, alpha={s.lora_alpha} [{status}]"
         )
-    base = args.model_path or out / "base_model"
+    # Full paths, so that the commands run as printed from a new shell (any directory, this environment not active).
+    run, base = out.resolve(), Path(args.model_path or out / "base_model").resolve()
+    command, adapter = higgs_trainer_command(), run / "lora_adapters"
     print("\nNext:")
-    print(f"  verify: higgs-trainer verify {out} --base {base}")
-    print(f"  merge:  higgs-trainer merge --base {base} --adapter {out / 'lora_adapters'} --output {out}-merged")
-    print(f"  load:   PeftModel.from_pretrained(HiggsAudioModel.from_pretrained('{base}'), '{out / 'lora_adapters'}')")
+    print(f"  verify: {command} verify {shlex.quote(str(run))} --base {shlex.quote(str(base))}")
+    print(
+        f"  merge:  {command} merge --base {shlex.quote(str(base))} --adapter {shlex.quote(str(adapter))} "
+        f"--output {shlex.quote(str(run))}-merged"
+    )
+    print(f"  load:   PeftModel.from_pretrained(HiggsAudioModel.from_pretrained('{base}'), '{adapter}')")
+
+
+def higgs_trainer_command() -> str:
+    """The ``higgs-trainer`` of the environment running this script, by full path (its bin/ need not be on PATH)."""
+    script = Path(sys.executable).parent / "higgs-trainer"
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m higgs_trainer.cli"  # higgs_trainer importable but not installed
 
 
 def main(argv: list[str] | None = None) -> int:

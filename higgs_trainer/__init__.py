@@ -1,11 +1,15 @@
 """Save LoRA adapters correctly when fine-tuning Higgs Audio v2 (or any wrapped PEFT model) with ``transformers.Trainer``.
 
 Examples:
-    >>> from higgs_trainer import HiggsLoraTrainer
-    >>> trainer = HiggsLoraTrainer(model=wrapper, args=training_args, train_dataset=ds)  # doctest: +SKIP
-    >>> trainer.train()  # every checkpoint-N gets a verified lora_adapters/  # doctest: +SKIP
+    ```python
+    from higgs_trainer import HiggsLoraTrainer
+
+    trainer = HiggsLoraTrainer(model=wrapper, args=training_args, train_dataset=ds)
+    trainer.train()  # every checkpoint-N gets a verified lora_adapters/
+    ```
 """
 
+from ._version import __version__ as __version__  # re-exported: higgs_trainer.__version__
 from .discovery import LoraComponent, find_lora_model
 from .errors import (
     AdapterSaveError,
@@ -22,8 +26,6 @@ from .merging import MergeResult, merge_adapter
 from .saving import SavedAdapter
 from .trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, save_lora_adapters
 from .verification import AdapterSummary, inspect_adapter, inspect_path, verify_adapter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterSaveError",

@@ -160,9 +160,16 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     write error in the body is raised as the ``OSError`` it wraps.
 
     Examples:
-        >>> with staged_directory("out/lora_adapters") as staging:  # doctest: +SKIP
-        ...     peft_model.save_pretrained(staging)
-        ...     verify_adapter(staging)
+        >>> with staged_directory("out/lora_adapters") as staging:
+        ...     _ = (staging / "adapter_config.json").write_text("{}")
+        >>> sorted(p.name for p in Path("out/lora_adapters").iterdir())
+        ['adapter_config.json']
+        >>> with staged_directory("out/lora_adapters") as staging:  # a failed write leaves the target as it was
+        ...     raise OSError("disk full")
+        Traceback (most recent call last):
+        OSError: disk full
+        >>> sorted(p.name for p in Path("out").iterdir())
+        ['lora_adapters']
     """
     target = Path(target)
     check_replaceable(target)

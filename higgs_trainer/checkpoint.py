@@ -121,8 +121,17 @@ class CheckpointWeights:
     ``torch.load(weights_only=True, mmap=True)``, so nothing is copied until `read`.
 
     Examples:
-        >>> with CheckpointWeights("out/checkpoint-500") as weights:  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from safetensors.torch import save_file
+        >>> wrapper = torch.nn.Module()
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> Path("out/checkpoint-500").mkdir(parents=True)
+        >>> save_file(wrapper.state_dict(), "out/checkpoint-500/model.safetensors")
+        >>> with CheckpointWeights("out/checkpoint-500") as weights:
         ...     lora = weights.read([k for k in weights.shapes if ".lora_" in k])
+        >>> sorted(lora)
+        ['model.base_model.model.q_proj.lora_A.default.weight', 'model.base_model.model.q_proj.lora_B.default.weight']
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -156,8 +165,10 @@ class CheckpointWeights:
         """Copies of the tensors under ``keys``, each file opened once.
 
         Examples:
-            >>> weights.read(["model.base_model.model.lm_head.weight"])  # doctest: +SKIP
-            {'model.base_model.model.lm_head.weight': tensor(...)}
+            ```python
+            weights.read(["model.base_model.model.lm_head.weight"])
+            # {'model.base_model.model.lm_head.weight': tensor(...)}
+            ```
         """
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
@@ -261,9 +272,12 @@ class LoraLayout:
     in this model, otherwise a full-match regex of the module paths).
 
     Examples:
-        >>> layout = find_lora_layout(weights.shapes)  # doctest: +SKIP
-        >>> layout.prefix, layout.r, layout.target_modules  # doctest: +SKIP
-        ('model.', 4, ['q_proj', 'v_proj'])
+        >>> layout = find_lora_layout({
+        ...     "model.base_model.model.q_proj.lora_A.default.weight": (4, 8),
+        ...     "model.base_model.model.q_proj.lora_B.default.weight": (8, 4),
+        ... })
+        >>> layout.prefix, layout.r, layout.target_modules
+        ('model.', 4, ['q_proj'])
     """
 
     prefix: str
@@ -434,7 +448,10 @@ def read_lora_config_file(path: str | os.PathLike) -> dict:
     """A LoRA adapter config from ``path`` (an ``adapter_config.json`` or a directory holding one).
 
     Examples:
-        >>> read_lora_config_file("out/lora_adapters")["lora_alpha"]  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, lora_alpha=32, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> read_lora_config_file("out/lora_adapters")["lora_alpha"]
         32
     """
     path = Path(path)
@@ -480,7 +497,9 @@ def pickled_attributes(path: str | os.PathLike) -> dict:
     anything else.
 
     Examples:
-        >>> pickled_attributes("out/checkpoint-500/training_args.bin")["learning_rate"]  # doctest: +SKIP
+        >>> import transformers
+        >>> torch.save(transformers.TrainingArguments("out", learning_rate=1e-4), "training_args.bin")
+        >>> pickled_attributes("training_args.bin")["learning_rate"]
         0.0001
     """
     try:
@@ -537,7 +556,10 @@ def find_lora_settings(
     without unpickling anything. Otherwise raises `UsageError`.
 
     Examples:
-        >>> find_lora_settings("out/checkpoint-500", adapter_config="old_run/adapter_config.json").source  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, lora_alpha=32, target_modules=["q_proj"])).save_pretrained("old_run")
+        >>> find_lora_settings("out/checkpoint-500", adapter_config="old_run/adapter_config.json").source
         'old_run/adapter_config.json'
     """
     if adapter_config is not None:

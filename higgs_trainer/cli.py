@@ -7,9 +7,14 @@ error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an in
 removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
 
 Examples:
-    >>> main(["verify", "out"])  # doctest: +SKIP
-    PASS out/lora_adapters: 8 tensors, 1,792 parameters, 7.0 KiB; r=4, lora_alpha=8; targets q_proj, v_proj
-    PASS out/checkpoint-2/lora_adapters: 8 tensors, 1,792 parameters, 7.0 KiB; r=4, lora_alpha=8; targets q_proj, v_proj
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    >>> for directory in ("out/checkpoint-2", "out"):
+    ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
+    >>> main(["verify", "out"])
+    PASS out/lora_adapters: 4 tensors, 128 parameters, 512 B; r=4, lora_alpha=8; targets q_proj, v_proj
+    PASS out/checkpoint-2/lora_adapters: 4 tensors, 128 parameters, 512 B; r=4, lora_alpha=8; targets q_proj, v_proj
     2 passed, 0 failed
     0
 """
@@ -275,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``higgs-trainer`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
 
     Examples:
-        >>> main(["extract", "missing-dir", "--output", "out", "--lora-alpha", "32"])  # doctest: +SKIP
+        >>> main(["extract", "missing-dir", "--output", "out", "--lora-alpha", "32"])  # usage error, on stderr
         2
     """
     parser = build_parser()

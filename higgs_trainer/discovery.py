@@ -39,9 +39,13 @@ class LoraComponent:
     keys in the unwrapped model's state dict.
 
     Examples:
-        >>> component = find_lora_model(wrapper)  # doctest: +SKIP
-        >>> component.path, type(component.model).__name__  # doctest: +SKIP
-        ('model', 'PeftModelForCausalLM')
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> component = find_lora_model(wrapper)
+        >>> component.path, type(component.model).__name__
+        ('model', 'PeftModel')
     """
 
     path: str
@@ -56,8 +60,12 @@ class LoraComponent:
         """Keep the entries of a whole-model state dict that belong to this component, keys made relative to it.
 
         Examples:
-            >>> component.slice_state_dict(wrapper.state_dict())  # doctest: +SKIP
-            {'base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight': tensor(...), ...}
+            >>> import torch
+            >>> from peft import LoraConfig, get_peft_model
+            >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+            >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+            >>> sorted(find_lora_model(wrapper).slice_state_dict(wrapper.state_dict()))
+            ['base_model.model.q_proj.base_layer.bias', 'base_model.model.q_proj.base_layer.weight', 'base_model.model.q_proj.lora_A.default.weight', 'base_model.model.q_proj.lora_B.default.weight']
         """
         if not self.path:
             return {canonical_name(key): value for key, value in state_dict.items()}
@@ -118,8 +126,14 @@ def find_lora_model(model: torch.nn.Module, path: str | None = None) -> LoraComp
         AmbiguousLoraModelError: there are several and ``path`` was not given.
 
     Examples:
-        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(target_modules=["q_proj"]))  # doctest: +SKIP
-        >>> find_lora_model(wrapper).path  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()
+        >>> wrapper.model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)})
+        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> find_lora_model(wrapper).path
+        'model'
+        >>> find_lora_model(torch.nn.DataParallel(wrapper)).path  # wrappers such as DDP are looked through
         'model'
     """
     model = unwrap_model(model)

@@ -23,10 +23,13 @@ class HiggsTrainerError(Exception):
     """Base class of every error this library raises on purpose.
 
     Examples:
+        >>> import torch
+        >>> from higgs_trainer import find_lora_model
         >>> try:
-        ...     trainer.save_model()  # doctest: +SKIP
-        ... except HiggsTrainerError as error:
-        ...     print(error)  # one line: what is wrong and how to fix it
+        ...     find_lora_model(torch.nn.Linear(2, 2))
+        ... except HiggsTrainerError as error:  # one line: what is wrong and how to fix it
+        ...     print(type(error).__name__)
+        LoraModelNotFoundError
     """
 
 
@@ -34,9 +37,11 @@ class LoraModelNotFoundError(HiggsTrainerError, ValueError):
     """No ``peft.PeftModel`` was found inside the model (or not at the named path).
 
     Examples:
-        >>> find_lora_model(torch.nn.Linear(2, 2))  # doctest: +SKIP
+        >>> import torch
+        >>> from higgs_trainer import find_lora_model
+        >>> find_lora_model(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
-        LoraModelNotFoundError: No peft.PeftModel found anywhere inside Linear (searched every submodule). ...
+        higgs_trainer.errors.LoraModelNotFoundError: No peft.PeftModel found anywhere inside Linear (searched every submodule). ...
     """
 
 
@@ -44,10 +49,16 @@ class AmbiguousLoraModelError(HiggsTrainerError, ValueError):
     """Two or more distinct ``peft.PeftModel`` components were found; name one.
 
     Examples:
-        >>> find_lora_model(two_adapters)  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from higgs_trainer import find_lora_model
+        >>> two_adapters = torch.nn.Module()
+        >>> two_adapters.a = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> two_adapters.b = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> find_lora_model(two_adapters)
         Traceback (most recent call last):
-        AmbiguousLoraModelError: Found 2 distinct PeftModel components in TwoComponents: 'a', 'b'. ...
-        >>> find_lora_model(two_adapters, path="b").path  # doctest: +SKIP
+        higgs_trainer.errors.AmbiguousLoraModelError: Found 2 distinct PeftModel components in Module: 'a', 'b'. ...
+        >>> find_lora_model(two_adapters, path="b").path
         'b'
     """
 
@@ -56,9 +67,15 @@ class AdapterSaveError(HiggsTrainerError, RuntimeError):
     """Writing an adapter failed; the previous adapter directory, if any, is intact.
 
     Examples:
-        >>> write_lora_adapters(component, "out", state_dict={})  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from higgs_trainer import find_lora_model
+        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> wrapper = torch.nn.Module()
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> write_lora_adapters(find_lora_model(wrapper), "out", state_dict={})
         Traceback (most recent call last):
-        AdapterSaveError: the state dict passed for saving holds no tensors under 'model' (0 keys in all); ...
+        higgs_trainer.errors.AdapterSaveError: the state dict passed for saving holds no tensors under 'model' (0 keys in all); ...
     """
 
 
@@ -66,9 +83,10 @@ class AdapterVerificationError(HiggsTrainerError, ValueError):
     """An adapter directory is missing, unreadable, empty or does not match its model.
 
     Examples:
-        >>> verify_adapter("run/checkpoint-500/lora_adapters")  # doctest: +SKIP
+        >>> from higgs_trainer import verify_adapter
+        >>> verify_adapter("run/checkpoint-500/lora_adapters")
         Traceback (most recent call last):
-        AdapterVerificationError: adapter at run/checkpoint-500/lora_adapters failed verification: 8 tensor(s) are empty ...
+        higgs_trainer.errors.AdapterVerificationError: adapter at run/checkpoint-500/lora_adapters failed verification: run/checkpoint-500/lora_adapters/adapter_config.json is missing: not an adapter directory
     """
 
 
@@ -76,9 +94,12 @@ class CheckpointError(HiggsTrainerError, ValueError):
     """A checkpoint (or a file given with it) is missing, unreadable, or holds no usable LoRA adapter.
 
     Examples:
-        >>> extract_adapter("run/checkpoint-500", "rescued", lora_alpha=32)  # doctest: +SKIP
+        >>> from pathlib import Path
+        >>> from higgs_trainer import extract_adapter
+        >>> Path("run/checkpoint-500").mkdir(parents=True)
+        >>> extract_adapter("run/checkpoint-500", "rescued", lora_alpha=32)
         Traceback (most recent call last):
-        CheckpointError: run/checkpoint-500 is not a checkpoint: none of model.safetensors, ...
+        higgs_trainer.errors.CheckpointError: run/checkpoint-500 is not a checkpoint: none of model.safetensors, ...
     """
 
 
@@ -86,9 +107,10 @@ class UsageError(HiggsTrainerError, ValueError):
     """The request cannot be carried out as given; a different argument fixes it (the command exits with 2).
 
     Examples:
-        >>> extract_adapter("run/checkpoint-500", "rescued")  # doctest: +SKIP
+        >>> from higgs_trainer import extract_adapter
+        >>> extract_adapter("run/checkpoint-500", "rescued", lora_alpha=32)
         Traceback (most recent call last):
-        UsageError: lora_alpha cannot be inferred from the weights and the run did not record it ...
+        higgs_trainer.errors.UsageError: checkpoint run/checkpoint-500 does not exist
     """
 
 
@@ -96,9 +118,10 @@ class MergeError(HiggsTrainerError, RuntimeError):
     """Merging or writing the merged model failed; nothing was written.
 
     Examples:
-        >>> merge_adapter("base", "adapter", "merged")  # doctest: +SKIP
-        Traceback (most recent call last):
-        MergeError: writing the merged model to merged failed: [Errno 28] No space left on device (nothing written)
+        ```python
+        merge_adapter("base", "adapter", "merged")  # with the disk full
+        # MergeError: writing the merged model to merged failed: [Errno 28] No space left on device (nothing written)
+        ```
     """
 
 

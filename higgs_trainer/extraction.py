@@ -40,9 +40,10 @@ class ExtractedAdapter:
     """What `extract_adapter` wrote, and what it inferred.
 
     Examples:
-        >>> result = extract_adapter("old_run/checkpoint-500", "rescued", lora_alpha=32)  # doctest: +SKIP
-        >>> result.prefix, result.r, result.lora_alpha, result.alpha_source  # doctest: +SKIP
-        ('model.', 16, 32.0, '--lora-alpha')
+        ```python
+        result = extract_adapter("old_run/checkpoint-500", "rescued", lora_alpha=32)
+        result.prefix, result.r, result.lora_alpha, result.alpha_source  # ('model.', 16, 32.0, '--lora-alpha')
+        ```
     """
 
     path: str
@@ -146,8 +147,15 @@ def extract_adapter(
         AdapterSaveError: writing failed (disk full); nothing was written.
 
     Examples:
-        >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)  # doctest: +SKIP
-        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', checkpoint='old_run/checkpoint-500', prefix='model.', r=16, ...)
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        >>> from pathlib import Path
+        >>> Path("old_run/checkpoint-500").mkdir(parents=True)
+        >>> save_file(wrapper.state_dict(), "old_run/checkpoint-500/model.safetensors")  # what Trainer writes for a wrapper
+        >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)
+        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', checkpoint='old_run/checkpoint-500', prefix='model.', r=2, ...)
     """
     start = time.perf_counter()
     checkpoint = existing_directory(checkpoint, "checkpoint")

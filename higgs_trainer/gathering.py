@@ -26,8 +26,10 @@ def adapter_parameters(peft_model: PeftModel) -> list[tuple[str, torch.nn.Parame
     """The parameters an adapter file can hold: trainable ones and every ``lora_`` / ``modules_to_save`` one.
 
     Examples:
-        >>> next(name for name, _ in adapter_parameters(peft_model))  # doctest: +SKIP
-        'base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight'
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> [name for name, _ in adapter_parameters(get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])))]
+        ['base_model.model.q_proj.lora_A.default.weight', 'base_model.model.q_proj.lora_B.default.weight']
     """
     return [
         (name, param)
@@ -82,8 +84,13 @@ def gather_adapter_state_dict(
     there is one; FSDP2 (``fully_shard``) and DeepSpeed need none.
 
     Examples:
-        >>> state = gather_adapter_state_dict(find_lora_model(model), is_writer=rank == 0)  # doctest: +SKIP
-        >>> if rank == 0: write_lora_adapters(component, out, state_dict=state)  # doctest: +SKIP
+        ```python
+        # on every process, in the same order (a collective under DeepSpeed ZeRO-3 / FSDP):
+        component = find_lora_model(model)
+        state = gather_adapter_state_dict(component, is_writer=rank == 0)
+        if rank == 0:
+            write_lora_adapters(component, out, state_dict=state)
+        ```
     """
     prefix = component.path + "." if component.path else ""
     with _fsdp1_full_params(fsdp_root):

@@ -76,9 +76,10 @@ class MergeResult:
     """What `merge_adapter` wrote.
 
     Examples:
-        >>> result = merge_adapter("base", "out/lora_adapters", "merged")  # doctest: +SKIP
-        >>> result.model_class, result.dtype, result.merged_modules  # doctest: +SKIP
-        ('HiggsAudioModel', 'bfloat16', 196)
+        ```python
+        result = merge_adapter("higgs-audio-v2-base", "out/lora_adapters", "merged")
+        result.model_class, result.dtype, result.merged_modules  # ('HiggsAudioModel', 'bfloat16', 196)
+        ```
     """
 
     path: str
@@ -105,9 +106,10 @@ def model_class_for(base_dir: str | os.PathLike) -> tuple[Any, type]:
     that, ``AutoModelForCausalLM`` / ``AutoModel``. Nothing is downloaded.
 
     Examples:
-        >>> config, cls = model_class_for("base")  # doctest: +SKIP
-        >>> cls.__name__  # doctest: +SKIP
-        'HiggsAudioModel'
+        >>> transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained("base")
+        >>> config, cls = model_class_for("base")
+        >>> cls.__name__
+        'LlamaForCausalLM'
     """
     base_dir = Path(base_dir)
     path = base_dir / "config.json"
@@ -153,7 +155,8 @@ def empty_base_model(base_dir: str | os.PathLike) -> torch.nn.Module:
     """The base model built from its config on the meta device: module names and shapes, no weights.
 
     Examples:
-        >>> "layers.0.self_attn.q_proj" in dict(empty_base_model("base").named_modules())  # doctest: +SKIP
+        >>> transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained("base")
+        >>> "model.layers.0.self_attn.q_proj" in dict(empty_base_model("base").named_modules())
         True
     """
     config, cls = model_class_for(base_dir)
@@ -168,7 +171,9 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     leaves any weight of the model uninitialised.
 
     Examples:
-        >>> load_base_model("base").dtype  # doctest: +SKIP
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        >>> transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained("base")
+        >>> load_base_model("base").dtype
         torch.bfloat16
     """
     config, cls = model_class_for(base_dir)
@@ -237,7 +242,10 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
 
     Examples:
-        >>> resolve_adapter_dir("out/checkpoint-500")  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
+        >>> resolve_adapter_dir("out/checkpoint-500")
         PosixPath('out/checkpoint-500/lora_adapters')
     """
     path = existing_directory(find_directory(path), "adapter")
@@ -341,8 +349,17 @@ def merge_adapter(
         MergeError: merging or writing failed; nothing was written.
 
     Examples:
-        >>> merge_adapter("higgs-audio-v2-base", "out/lora_adapters", "merged", compare=True).compare  # doctest: +SKIP
-        {'base_vs_merged': {'max_abs': 0.83, ...}, 'adapter_vs_merged': {'max_abs': 0.0009, ...}, ...}
+        >>> import transformers
+        >>> from peft import LoraConfig, get_peft_model
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> transformers.LlamaForCausalLM(config).save_pretrained("base")
+        >>> lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # as if trained
+        >>> get_peft_model(transformers.LlamaForCausalLM(config), lora).save_pretrained("out/lora_adapters")
+        >>> result = merge_adapter("base", "out/lora_adapters", "merged", compare=True)
+        >>> result.model_class, result.dtype, result.merged_modules
+        ('LlamaForCausalLM', 'float32', 2)
+        >>> result.compare["adapter_vs_merged"]["max_abs"] < 1e-4 < result.compare["base_vs_merged"]["max_abs"]
+        True
     """
     start = time.perf_counter()
     base_dir = existing_directory(base, "base model")

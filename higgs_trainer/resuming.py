@@ -35,8 +35,11 @@ def checkpoint_to_resume(output_dir: str | os.PathLike, requested: str | os.Path
         HiggsTrainerError: the requested checkpoint, or every checkpoint of the run, is interrupted.
 
     Examples:
-        >>> checkpoint_to_resume("out", True)  # doctest: +SKIP
-        'out/checkpoint-4'
+        >>> for name in ("checkpoint-2", "checkpoint-4"):
+        ...     Path("out", name).mkdir(parents=True)
+        >>> _ = Path("out/checkpoint-2/trainer_state.json").write_text("{}")  # checkpoint-4: killed while saving
+        >>> checkpoint_to_resume("out", True)
+        'out/checkpoint-2'
     """
     if requested is True:
         checkpoints = checkpoints_of(output_dir)
@@ -77,8 +80,9 @@ def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
     ``model.safetensors`` either.
 
     Examples:
-        >>> is_adapter_only_checkpoint("out/checkpoint-500")  # doctest: +SKIP
-        True
+        ```python
+        is_adapter_only_checkpoint("out/checkpoint-500")  # True for a checkpoint of adapter_only_checkpoints=True
+        ```
     """
     checkpoint = Path(checkpoint)
     return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and find_directory(checkpoint / ADAPTER_DIRNAME).is_dir()
@@ -88,7 +92,19 @@ def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike)
     """Load the adapter(s) saved in ``adapter_dir`` into ``component`` in place, refusing any key that does not fit.
 
     Examples:
-        >>> load_lora_adapters(find_lora_model(wrapper), "out/checkpoint-500/lora_adapters")  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> from higgs_trainer import find_lora_model
+        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> component = find_lora_model(wrapper)
+        >>> _ = write_lora_adapters(component, "out/checkpoint-2")
+        >>> with torch.no_grad():
+        ...     _ = component.model.base_model.model.q_proj.lora_A.default.weight.zero_()
+        >>> load_lora_adapters(component, "out/checkpoint-2/lora_adapters")  # the saved values are back
+        >>> bool(component.model.base_model.model.q_proj.lora_A.default.weight.any())
+        True
     """
     adapter_dir = find_directory(adapter_dir)
     for name in component.model.peft_config:

@@ -20,7 +20,11 @@ def is_complete_checkpoint(checkpoint: str | os.PathLike) -> bool:
     """True when ``checkpoint`` was written to the end: ``Trainer._save_checkpoint`` writes ``trainer_state.json`` last.
 
     Examples:
-        >>> is_complete_checkpoint("out/checkpoint-500")  # doctest: +SKIP
+        >>> Path("out/checkpoint-500").mkdir(parents=True)
+        >>> is_complete_checkpoint("out/checkpoint-500")  # killed before Trainer wrote its state
+        False
+        >>> _ = Path("out/checkpoint-500/trainer_state.json").write_text("{}")
+        >>> is_complete_checkpoint("out/checkpoint-500")
         True
     """
     return (Path(checkpoint) / TRAINER_STATE).is_file()
@@ -30,8 +34,10 @@ def checkpoints_of(run_dir: str | os.PathLike) -> list[Path]:
     """The ``checkpoint-N`` directories of a run, by step (oldest first).
 
     Examples:
-        >>> [p.name for p in checkpoints_of("out")]  # doctest: +SKIP
-        ['checkpoint-2', 'checkpoint-4']
+        >>> for name in ("checkpoint-10", "checkpoint-2", "checkpoint-x", "lora_adapters"):
+        ...     Path("out", name).mkdir(parents=True)
+        >>> [p.name for p in checkpoints_of("out")]
+        ['checkpoint-2', 'checkpoint-10']
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

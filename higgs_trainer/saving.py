@@ -33,9 +33,14 @@ class SavedAdapter:
     """What one adapter save wrote.
 
     Examples:
-        >>> saved = save_lora_adapters(trainer, "out")  # doctest: +SKIP
-        >>> saved.path, saved.num_tensors  # doctest: +SKIP
-        ('out/lora_adapters', 8)
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> from higgs_trainer import find_lora_model
+        >>> saved = write_lora_adapters(find_lora_model(wrapper), "out")
+        >>> saved.path, saved.num_tensors
+        ('out/lora_adapters', 2)
     """
 
     path: str
@@ -59,8 +64,10 @@ def expected_adapter_shapes(
     ``gathered``, the component's part of the state dict that was gathered for saving.
 
     Examples:
-        >>> expected_adapter_shapes(peft_model)  # doctest: +SKIP
-        {'base_model.model.layers.0.self_attn.q_proj.lora_A.weight': (4, 64), ...}
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> expected_adapter_shapes(get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])))
+        {'base_model.model.q_proj.lora_A.weight': (2, 8), 'base_model.model.q_proj.lora_B.weight': (8, 2)}
     """
     if gathered is not None and has_fsdp1_units(peft_model):
         live = gathered
@@ -117,8 +124,13 @@ def write_lora_adapters(
         AdapterVerificationError: what was written does not match the model (nothing replaced).
 
     Examples:
-        >>> write_lora_adapters(find_lora_model(wrapper), "out/checkpoint-2")  # doctest: +SKIP
-        SavedAdapter(path='out/checkpoint-2/lora_adapters', component_path='model', num_tensors=8, ...)
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> from higgs_trainer import find_lora_model
+        >>> write_lora_adapters(find_lora_model(wrapper), "out/checkpoint-2")
+        SavedAdapter(path='out/checkpoint-2/lora_adapters', component_path='model', num_tensors=2, ...)
     """
     start = time.perf_counter()
     peft_model = component.model

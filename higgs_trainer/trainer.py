@@ -64,10 +64,21 @@ class LoraAdapterSavingMixin:
     before training starts.
 
     Examples:
-        >>> class HiggsAudioTrainer(LoraAdapterSavingMixin, Trainer):  # doctest: +SKIP
+        >>> class HiggsAudioTrainer(LoraAdapterSavingMixin, Trainer):  # your trainer, its compute_loss unchanged
         ...     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        ...         ...
-        >>> HiggsAudioTrainer(model=wrapper, args=args, train_dataset=ds).train()  # doctest: +SKIP
+        ...         return super().compute_loss(model, inputs, return_outputs, **kwargs)
+        >>> class MisorderedTrainer(Trainer, LoraAdapterSavingMixin):  # the mixin must come first
+        ...     pass
+        Traceback (most recent call last):
+        TypeError: MisorderedTrainer: LoraAdapterSavingMixin must come before the Trainer class in the bases, ...
+
+        Then train as before (the model holds a ``PeftModel`` somewhere inside):
+
+        ```python
+        trainer = HiggsAudioTrainer(model=wrapper, args=training_args, train_dataset=ds)
+        trainer.train()  # every checkpoint-N/lora_adapters written and verified
+        trainer.save_model()  # output_dir/lora_adapters
+        ```
     """
 
     def __init__(
@@ -155,8 +166,9 @@ class LoraAdapterSavingMixin:
         """The PEFT component that is saved, found in the unwrapped model.
 
         Examples:
-            >>> trainer.lora_component().path  # doctest: +SKIP
-            'model'
+            ```python
+            trainer.lora_component().path  # 'model' for a community HiggsAudioModelWrapper
+            ```
         """
         return _component_of(self, self.lora_model_path)
 
@@ -275,10 +287,26 @@ class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):
     ``adapter_only_checkpoints``).
 
     Examples:
-        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
-        >>> trainer = HiggsLoraTrainer(model=wrapper, args=TrainingArguments("out", save_steps=500), train_dataset=ds)  # doctest: +SKIP
-        >>> trainer.train()  # out/checkpoint-500/lora_adapters, ... # doctest: +SKIP
-        >>> trainer.save_model()  # out/lora_adapters  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from pathlib import Path
+        >>> from transformers import TrainingArguments
+        >>> class Wrapper(torch.nn.Module):  # like the community HiggsAudioModelWrapper: the model is its .model
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)})
+        ...     def forward(self, x, y):
+        ...         return {"loss": torch.nn.functional.mse_loss(self.model.q_proj(x), y)}
+        >>> wrapper = Wrapper()
+        >>> wrapper.model = get_peft_model(wrapper.model, LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> data = [{"x": torch.randn(8), "y": torch.randn(8)} for _ in range(8)]
+        >>> args = TrainingArguments("out", max_steps=4, save_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+        >>> trainer = HiggsLoraTrainer(model=wrapper, args=args, train_dataset=data)
+        >>> _ = trainer.train()  # prints the training metrics
+        {'train_runtime': ...}
+        >>> trainer.save_model()
+        >>> sorted(str(p) for p in Path("out").glob("**/lora_adapters"))
+        ['out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters', 'out/lora_adapters']
     """
 
 
@@ -292,9 +320,15 @@ def save_lora_adapters(
     false. Raises if no PEFT component is found or the save fails.
 
     Examples:
-        >>> trainer.save_model()  # doctest: +SKIP
-        >>> save_lora_adapters(trainer, training_args.output_dir, use_lora=args.use_lora)  # doctest: +SKIP
-        SavedAdapter(path='out/lora_adapters', component_path='model', num_tensors=8, ...)
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from transformers import Trainer, TrainingArguments
+        >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
+        >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> trainer = Trainer(model=wrapper, args=TrainingArguments("out", report_to=[], use_cpu=True))
+        >>> trainer.save_model()  # the wrapper's full state dict only
+        >>> save_lora_adapters(trainer, trainer.args.output_dir, use_lora=True)
+        SavedAdapter(path='out/lora_adapters', component_path='model', num_tensors=2, ...)
     """
     if not use_lora:
         logger.info("use_lora is false: no LoRA adapter saved")

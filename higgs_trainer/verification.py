@@ -44,9 +44,12 @@ class AdapterSummary:
     """What an adapter directory holds, and what is wrong with it (``problems`` empty when it passed).
 
     Examples:
-        >>> summary = inspect_adapter("out/checkpoint-2/lora_adapters")  # doctest: +SKIP
-        >>> summary.ok, summary.num_tensors, summary.r  # doctest: +SKIP
-        (True, 8, 4)
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> summary = inspect_adapter("out/lora_adapters")
+        >>> summary.ok, summary.num_tensors, summary.r
+        (True, 2, 2)
     """
 
     path: str
@@ -69,8 +72,11 @@ def holds_adapter_files(directory: Path) -> bool:
     """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
 
     Examples:
-        >>> holds_adapter_files(Path("out/lora_adapters"))  # doctest: +SKIP
-        True
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> holds_adapter_files(Path("out/lora_adapters")), holds_adapter_files(Path("out"))
+        (True, False)
     """
     return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
 
@@ -101,8 +107,11 @@ def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
     """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
 
     Examples:
-        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]  # doctest: +SKIP
-        16
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]
+        2
     """
     try:
         value = json.loads(path.read_text())
@@ -163,7 +172,7 @@ def check_adapter_tensors(
     when ``expected_shapes`` is given, exactly those keys with those shapes.
 
     Examples:
-        >>> check_adapter_tensors({"peft_type": "LORA", "r": 2}, {})
+        >>> check_adapter_tensors({"peft_type": "LORA", "r": 2, "lora_alpha": 4}, {})
         ['the adapter holds no tensors']
     """
     problems: list[str] = []
@@ -363,9 +372,14 @@ def inspect_adapter(
     With ``base_model`` (which may be on the meta device), also `check_adapter_modules` against it.
 
     Examples:
-        >>> summary = inspect_adapter("out/lora_adapters")  # doctest: +SKIP
-        >>> summary.ok or summary.problems  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> summary = inspect_adapter("out/lora_adapters")
+        >>> summary.ok or summary.problems
         True
+        >>> inspect_adapter("out").problems  # not an adapter directory: reported, not raised
+        ['out/adapter_config.json is missing: not an adapter directory']
     """
     directory = Path(directory)
     summary = AdapterSummary(path=str(directory))
@@ -395,8 +409,11 @@ def verify_adapter(
     """Like `inspect_adapter`, but raise `AdapterVerificationError` listing every problem.
 
     Examples:
-        >>> verify_adapter("out/checkpoint-4/lora_adapters").num_tensors  # doctest: +SKIP
-        8
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> verify_adapter("out/lora_adapters").num_tensors
+        2
     """
     summary = inspect_adapter(directory, expected_shapes)
     if summary.problems:
@@ -435,7 +452,12 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
     ``path`` is none of these.
 
     Examples:
-        >>> [str(p) for p in adapter_dirs_of("out")]  # doctest: +SKIP
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> for directory in ("out/checkpoint-2", "out/checkpoint-4", "out"):
+        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
+        >>> [str(p) for p in adapter_dirs_of("out")]
         ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
     """
     path = find_directory(path)
@@ -537,8 +559,13 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
     is in a summary.
 
     Examples:
-        >>> [s.ok for s in inspect_path("out")]  # doctest: +SKIP
-        [True, True, True]
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> for directory in ("out/checkpoint-2", "out"):
+        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
+        >>> [(s.path, s.ok) for s in inspect_path("out", base_model=torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}))]
+        [('out/lora_adapters', True), ('out/checkpoint-2/lora_adapters', True)]
     """
     try:
         directories = adapter_dirs_of(path)

@@ -4,6 +4,10 @@ import pytest
 
 from tests.models import HIGGS_STACK
 
+# Scripts that torchrun starts (they read sys.argv and start a process group at import): never import them here,
+# also not for --doctest-modules (setup.cfg).
+collect_ignore = ["distributed"]
+
 
 def pytest_report_header(config):
     import peft

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ def test_default_run_trains_both_heads_writes_verified_adapters_and_says_how_to_
     adapter = tmp_path / "lora_adapters"
     assert f"higgs-trainer verify {tmp_path}" in out
     assert f"higgs-trainer merge --base {tmp_path / 'base_model'} --adapter {adapter}" in out
+    # The "Next:" commands run as printed from a new shell: another directory, no virtual environment on PATH.
+    shell_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(EXAMPLE.parents[1])}
+    for label in ("verify", "merge"):
+        (line,) = [line for line in out.splitlines() if line.startswith(f"  {label}:")]
+        command = line.split(":", 1)[1].strip()
+        result = subprocess.run(["bash", "-c", command], cwd="/", env=shell_env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path.parent / f"{tmp_path.name}-merged" / "config.json").is_file()
 
     # The final adapter on the saved base: both losses finite and lower than the base's on the training data.
     batch = training_batch(example)

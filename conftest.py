@@ -1,0 +1,26 @@
+"""pytest set-up for the doctests of higgs_trainer/ (collected with ``--doctest-modules``, see setup.cfg)."""
+
+import functools
+import importlib.util
+
+import pytest
+from _pytest.doctest import DoctestItem
+
+
+@functools.cache
+def _start_deepspeed_logging_outside_the_examples() -> None:
+    """DeepSpeed's logger writes to the ``sys.stdout`` of the moment it is imported, and logs a line when it first
+    detects the accelerator; transformers imports it on first use (``Trainer``, ``from_pretrained``). Done inside an
+    example, both would land in that example's output, so do it once before the first example runs."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+
+
+@pytest.fixture(autouse=True)
+def _doctests_run_in_an_empty_directory(request, tmp_path, monkeypatch):
+    """The examples write relative paths (``out/lora_adapters``, ``base``): each runs in a fresh temporary directory."""
+    if isinstance(request.node, DoctestItem):
+        _start_deepspeed_logging_outside_the_examples()
+        monkeypatch.chdir(tmp_path)
