@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the base's own)")
     merge.add_argument("--compare", action="store_true", help="compare base, adapter and merged logits on a probe")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    merge.add_argument(
+        "--allow-untrained", action="store_true", help="merge even an adapter whose lora_B are all still zero"
+    )
     merge.set_defaults(handler=_merge)
     return parser
 
@@ -168,7 +171,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     result = merge_adapter(
-        args.base, args.adapter, args.output, dtype=args.dtype, compare=args.compare, overwrite=args.overwrite
+        args.base,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        compare=args.compare,
+        overwrite=args.overwrite,
+        allow_untrained=args.allow_untrained,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:

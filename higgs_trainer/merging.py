@@ -33,6 +33,7 @@ from .atomic import staged_directory
 from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, UsageError, first_line
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
     human_size,
@@ -296,12 +297,14 @@ def merge_adapter(
     dtype: str | torch.dtype | None = None,
     compare: bool = False,
     overwrite: bool = False,
+    allow_untrained: bool = False,
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter`` into the model at ``base`` and save the merged model at ``output``.
 
     ``dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype``) overrides the dtype the base
     was saved in. With ``compare``, the logits of base, adapter and merged model on a probe input
-    are compared and recorded in ``merge_info.json``.
+    are compared and recorded in ``merge_info.json``. An adapter that never trained (every ``lora_B`` still
+    at peft's zero init, `untrained.untrained_problem`) is refused unless ``allow_untrained``.
 
     Raises:
         UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
@@ -326,6 +329,14 @@ def merge_adapter(
 
     verify_adapter(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
+    untrained = untrained_problem(read_adapter_config(adapter_dir), tensors)
+    if untrained is not None:
+        if not allow_untrained:
+            raise AdapterVerificationError(
+                f"refusing to merge the adapter at {adapter_dir}: {untrained}. Pass --allow-untrained "
+                "(allow_untrained=True) to merge it anyway."
+            )
+        logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
     problems = check_adapter_modules(tensors, empty_base_model(base_dir))
     if problems:
         raise AdapterVerificationError(

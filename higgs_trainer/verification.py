@@ -30,6 +30,7 @@ from .names import (
     PICKLE_NAME,
     SAFETENSORS_NAME,
 )
+from .untrained import untrained_problem
 
 logger = logging.getLogger(__name__)
 
@@ -296,10 +297,12 @@ def inspect_adapter(
     directory: str | Path,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     base_model: torch.nn.Module | None = None,
+    check_trained: bool = False,
 ) -> AdapterSummary:
     """Read an adapter directory and report what it holds and every problem found; never raises for bad content.
 
     With ``base_model`` (which may be on the meta device), also `check_adapter_modules` against it.
+    With ``check_trained``, an adapter still at peft's zero init is a problem (`untrained.untrained_problem`).
 
     Examples:
         >>> summary = inspect_adapter("out/lora_adapters")  # doctest: +SKIP
@@ -325,6 +328,10 @@ def inspect_adapter(
     summary.problems.extend(check_adapter_tensors(config, tensors, expected_shapes))
     if base_model is not None and tensors:
         summary.problems.extend(check_adapter_modules(tensors, base_model))
+    if check_trained and summary.peft_type == "LORA":
+        untrained = untrained_problem(config, tensors)
+        if untrained is not None:
+            summary.problems.append(untrained)
     return summary
 
 
@@ -468,12 +475,15 @@ def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     return problems
 
 
-def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) -> list[AdapterSummary]:
+def inspect_path(
+    path: str | Path, base_model: torch.nn.Module | None = None, check_trained: bool = True
+) -> list[AdapterSummary]:
     """`inspect_adapter` on every adapter directory ``path`` stands for (see `adapter_dirs_of`).
 
     With ``base_model`` (built on the meta device from the base's config), also checks that the
-    adapter's modules exist in it with matching sizes. Never raises for bad content: each problem
-    is in a summary.
+    adapter's modules exist in it with matching sizes. With ``check_trained`` (the default), an
+    adapter whose ``lora_B`` are all still zero under a zero-start init fails as untrained.
+    Never raises for bad content: each problem is in a summary.
 
     Examples:
         >>> [s.ok for s in inspect_path("out")]  # doctest: +SKIP
@@ -496,7 +506,7 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
                 problem = f"{checkpoint} holds no adapter: no {directory.name}/, no {CONFIG_NAME}, no model weights"
             summaries.append(AdapterSummary(path=str(directory), problems=[problem]))
             continue
-        summaries.append(inspect_adapter(directory, base_model=base_model))
+        summaries.append(inspect_adapter(directory, base_model=base_model, check_trained=check_trained))
     return summaries
 
 
