@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
 from packaging.version import Version
+from transformers.trainer_pt_utils import reissue_pt_warnings
 
 _TRANSFORMERS = Version(transformers.__version__)
 
@@ -57,3 +59,35 @@ def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> Non
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(directory), **kwargs)
+
+
+def load_optimizer_and_scheduler_on_cpu(trainer: Any, checkpoint: str) -> bool:
+    """Load ``checkpoint``'s optimizer and scheduler state for a multi-process CPU (gloo) run; False if not that case.
+
+    For transformers < 5 (seen with 4.46.3): ``Trainer._load_optimizer_and_scheduler`` loads the
+    optimizer with ``map_location=self.args.device`` whenever ``world_size > 1``, and on CPU that
+    device is the indexed ``cpu:0``, which ``torch.load`` cannot restore ("don't know how to restore
+    data location of torch.storage.UntypedStorage (tagged with cpu:0)"): every DDP resume on CPU
+    fails on every rank. transformers 5.x maps a CPU device to plain ``"cpu"`` itself (5.24 checked).
+    Can go once the Higgs stack moves to transformers 5.
+    Only the plain DDP path is taken over (no DeepSpeed, FSDP, XLA or SageMaker, whose loaders
+    differ); anything else, or a checkpoint without both files, is left to ``Trainer``.
+    """
+    device = trainer.args.device
+    if (
+        _TRANSFORMERS >= Version("5")
+        or trainer.args.world_size <= 1
+        or device.type != "cpu"
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+    ):
+        return False
+    optimizer_file = os.path.join(checkpoint, "optimizer.pt")  # transformers' OPTIMIZER_NAME
+    scheduler_file = os.path.join(checkpoint, "scheduler.pt")  # transformers' SCHEDULER_NAME
+    if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
+        return False
+    trainer.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
+    with warnings.catch_warnings(record=True) as caught:  # as Trainer does: the scheduler's save warning, reissued
+        trainer.lr_scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
+    reissue_pt_warnings(caught)
+    return True

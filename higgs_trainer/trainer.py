@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, Trainer
 
-from ._compat import rng_state_safe_globals
+from ._compat import load_optimizer_and_scheduler_on_cpu, rng_state_safe_globals
 from .discovery import LoraComponent, canonical_name, find_lora_model
 from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
@@ -267,6 +267,11 @@ class LoraAdapterSavingMixin:
             load_lora_adapters(self.lora_component(), os.path.join(best, ADAPTER_DIRNAME))
             return
         super()._load_best_model()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and load_optimizer_and_scheduler_on_cpu(self, checkpoint):  # DDP on CPU, 4.46
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with rng_state_safe_globals():
