@@ -118,9 +118,10 @@ def _summary_line(summary: AdapterSummary) -> str:
     if not summary.ok:
         return f"FAIL {summary.path}"
     targets = ", ".join(summary.target_modules)
+    saved = f"; modules_to_save {', '.join(summary.modules_to_save)}" if summary.modules_to_save else ""
     return (
         f"PASS {summary.path}: {summary.num_tensors} tensors, {summary.num_parameters:,} parameters, "
-        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}"
+        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}{saved}"
     )
 
 
@@ -165,6 +166,8 @@ def _extract(args: argparse.Namespace) -> int:
         f"{human_size(result.checkpoint_bytes)} of weights) into {result.path} in {result.seconds:.2f} s"
     )
     print(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
+    if result.modules_to_save:
+        print(f"  modules_to_save (trained copies taken whole): {', '.join(result.modules_to_save)}")
     print(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
     return 0
 
@@ -185,8 +188,9 @@ def _merge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0
+    saved = f", {len(result.modules_to_save)} modules_to_save" if result.modules_to_save else ""
     print(
-        f"Merged {result.adapter} ({result.merged_modules} LoRA modules) into {result.base} ({result.model_class}, "
+        f"Merged {result.adapter} ({result.merged_modules} LoRA modules{saved}) into {result.base} ({result.model_class}, "
         f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s"
     )
     if comparison:

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from .verification import (
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
+    saved_modules,
     verify_adapter,
 )
 
@@ -85,6 +86,7 @@ class MergeResult:
     copied_files: list[str]
     seconds: float
     compare: dict | None = None
+    modules_to_save: list[str] = field(default_factory=list)  # modules replaced by their trained copies
 
 
 # the base model
@@ -359,6 +361,7 @@ def merge_adapter(
             ) from exc
         _check_applied(peft_model, tensors, adapter_dir)
         merged_modules = sum(1 for key in tensors if ".lora_A." in key or key.endswith(".lora_embedding_A"))
+        saved, _ = saved_modules(read_adapter_config(adapter_dir), tensors)
         if probe is not None:
             logits["adapter"] = _logits(peft_model, probe)
         # In place (safe_merge=False): safe_merge clones every merged weight, a second copy of most of the model.
@@ -389,6 +392,7 @@ def merge_adapter(
         "dtype": dtype_name,
         "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
         "merged_modules": merged_modules,
+        "modules_to_save": saved,
         "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "compare": comparison,
@@ -414,6 +418,7 @@ def merge_adapter(
         copied_files=copied,
         seconds=time.perf_counter() - start,
         compare=comparison,
+        modules_to_save=saved,
     )
     logger.info("Merged model written to %s (%s)", output, human_size(num_bytes))
     return result
