@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import transformers
 from packaging.version import Version
+from transformers.trainer_pt_utils import reissue_pt_warnings
 
 from .errors import HiggsTrainerError
 
@@ -154,3 +156,35 @@ def check_accelerate_can_unwrap(model: torch.nn.Module) -> None:
             "transformers.Trainer fails on it (KeyError '_orig_mod', accelerate issues 3683/3879): compile the whole "
             "model with TrainingArguments(torch_compile=True) instead, or upgrade accelerate to a release with PR 3881"
         ) from exc
+
+
+def load_optimizer_and_scheduler_on_cpu(trainer: Any, checkpoint: str) -> bool:
+    """Load ``checkpoint``'s optimizer and scheduler state for a multi-process CPU (gloo) run; False if not that case.
+
+    For transformers < 5 (seen with 4.46.3): ``Trainer._load_optimizer_and_scheduler`` loads the
+    optimizer with ``map_location=self.args.device`` whenever ``world_size > 1``, and on CPU that
+    device is the indexed ``cpu:0``, which ``torch.load`` cannot restore ("don't know how to restore
+    data location of torch.storage.UntypedStorage (tagged with cpu:0)"): every DDP resume on CPU
+    fails on every rank. transformers 5.x maps a CPU device to plain ``"cpu"`` itself (5.24 checked).
+    Can go once the Higgs stack moves to transformers 5.
+    Only the plain DDP path is taken over (no DeepSpeed, FSDP, XLA or SageMaker, whose loaders
+    differ); anything else, or a checkpoint without both files, is left to ``Trainer``.
+    """
+    device = trainer.args.device
+    if (
+        _TRANSFORMERS >= Version("5")
+        or trainer.args.world_size <= 1
+        or device.type != "cpu"
+        or trainer.is_deepspeed_enabled
+        or trainer.is_fsdp_enabled
+    ):
+        return False
+    optimizer_file = os.path.join(checkpoint, "optimizer.pt")  # transformers' OPTIMIZER_NAME
+    scheduler_file = os.path.join(checkpoint, "scheduler.pt")  # transformers' SCHEDULER_NAME
+    if not (os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)):
+        return False
+    trainer.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
+    with warnings.catch_warnings(record=True) as caught:  # as Trainer does: the scheduler's save warning, reissued
+        trainer.lr_scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
+    reissue_pt_warnings(caught)
+    return True

@@ -288,6 +288,7 @@ class LoraLayout:
     r: int
     target_modules: list[str] | str
     lora_bias: bool
+    modules_to_save: tuple[str, ...] = ()  # modules whose whole trained copy (peft's modules_to_save) is in keys
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -308,7 +309,7 @@ def _module_of(path: str) -> str:
     """``layers.0.q_proj.base_layer.weight`` -> ``layers.0.q_proj``: the module a parameter of a LoRA model belongs to."""
     parts = path.split(".")[:-1]
     for i, part in enumerate(parts):
-        if part == "base_layer" or part.startswith("lora_") or part == "modules_to_save":
+        if part in ("base_layer", "modules_to_save", "original_module") or part.startswith("lora_"):
             return ".".join(parts[:i])
     return ".".join(parts)
 
@@ -318,7 +319,9 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
 
     ``prefix`` (e.g. ``"model.text_model."``) chooses when the checkpoint holds LoRA tensors of
     several PEFT components. Raises `CheckpointError` for checkpoints without LoRA tensors,
-    unpaired or empty matrices and layouts extract does not handle (DoRA, ``modules_to_save``).
+    unpaired or empty matrices and layouts extract does not handle (DoRA, trainable tokens). The
+    trained copies of ``modules_to_save`` modules (``<module>.modules_to_save.<adapter>.weight``) are
+    taken too, as ``base_model.model.<module>.weight``, the key peft saves them under.
 
     Examples:
         >>> find_lora_layout({
@@ -363,12 +366,30 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         )
     adapter = adapters[0]
     section = chosen + PEFT_KEY_PREFIX
-    extra = [k for k, name in names.items() if name.startswith(section) and ".modules_to_save." in name]
-    if extra:
-        raise CheckpointError(f"modules_to_save tensors are not supported by extract: {listed(extra)}")
-
     keys: dict[str, str] = {}
     out_shapes: dict[str, tuple[int, ...]] = {}
+    saved_modules, other_adapter, empty_saved = set(), [], []
+    for key, name in names.items():
+        if not name.startswith(section) or ".modules_to_save." not in name:
+            continue
+        module, rest = name[len(section) :].split(".modules_to_save.", 1)
+        owner, _, param = rest.partition(".")
+        if owner != adapter:
+            other_adapter.append(key)
+            continue
+        keys[key] = f"{PEFT_KEY_PREFIX}{module}.{param}"
+        out_shapes[keys[key]] = tuple(shapes[key])
+        saved_modules.add(module)
+        if 0 in shapes[key]:
+            empty_saved.append(key)
+    if other_adapter:
+        raise CheckpointError(
+            f"modules_to_save tensors of another adapter than {adapter!r} (extract handles one): {listed(other_adapter)}"
+        )
+    if empty_saved:
+        raise CheckpointError(
+            f"{len(empty_saved)} modules_to_save tensor(s) are empty (partitioned ZeRO-3 save?): {listed(empty_saved)}"
+        )
     parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     lora_bias = False
     for key, match in sorted(matches[(chosen, adapter)].items()):
@@ -424,6 +445,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         r=r,
         target_modules=target_modules,
         lora_bias=lora_bias,
+        modules_to_save=tuple(sorted(saved_modules)),
     )
 
 

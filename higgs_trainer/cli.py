@@ -10,6 +10,9 @@ Examples:
     >>> import torch
     >>> from peft import LoraConfig, get_peft_model
     >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    >>> for name, param in peft_model.named_parameters():  # what training does: lora_B leaves its zero init
+    ...     if "lora_B" in name:
+    ...         _ = torch.nn.init.normal_(param)
     >>> for directory in ("out/checkpoint-2", "out"):
     ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
     >>> main(["verify", "out"])
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the base's own)")
     merge.add_argument("--compare", action="store_true", help="compare base, adapter and merged logits on a probe")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    merge.add_argument(
+        "--allow-untrained", action="store_true", help="merge even an adapter whose lora_B are all still zero"
+    )
     merge.set_defaults(handler=_merge)
     return parser
 
@@ -123,9 +129,10 @@ def _summary_line(summary: AdapterSummary) -> str:
     if not summary.ok:
         return f"FAIL {summary.path}"
     targets = ", ".join(summary.target_modules)
+    saved = f"; modules_to_save {', '.join(summary.modules_to_save)}" if summary.modules_to_save else ""
     return (
         f"PASS {summary.path}: {summary.num_tensors} tensors, {summary.num_parameters:,} parameters, "
-        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}"
+        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}{saved}"
     )
 
 
@@ -170,13 +177,21 @@ def _extract(args: argparse.Namespace) -> int:
         f"{human_size(result.checkpoint_bytes)} of weights) into {result.path} in {result.seconds:.2f} s"
     )
     print(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
+    if result.modules_to_save:
+        print(f"  modules_to_save (trained copies taken whole): {', '.join(result.modules_to_save)}")
     print(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     result = merge_adapter(
-        args.base, args.adapter, args.output, dtype=args.dtype, compare=args.compare, overwrite=args.overwrite
+        args.base,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        compare=args.compare,
+        overwrite=args.overwrite,
+        allow_untrained=args.allow_untrained,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
@@ -184,8 +199,9 @@ def _merge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result), indent=2))
         return 0
+    saved = f", {len(result.modules_to_save)} modules_to_save" if result.modules_to_save else ""
     print(
-        f"Merged {result.adapter} ({result.merged_modules} LoRA modules) into {result.base} ({result.model_class}, "
+        f"Merged {result.adapter} ({result.merged_modules} LoRA modules{saved}) into {result.base} ({result.model_class}, "
         f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s"
     )
     if comparison:

@@ -59,6 +59,7 @@ class ExtractedAdapter:
     checkpoint_bytes: int
     seconds: float
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
@@ -73,6 +74,7 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
             lora_dropout=0.0,
             bias="none",
             inference_mode=True,
+            modules_to_save=list(layout.modules_to_save) or None,
             **extra,
         )
     try:
@@ -85,7 +87,6 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
         name
         for name, used in (
             ("use_dora", config.use_dora),
-            ("modules_to_save", config.modules_to_save),
             ("trainable_token_indices", getattr(config, "trainable_token_indices", None)),
             (f"bias={config.bias!r} (trained base-layer biases)", config.bias != "none"),
         )
@@ -96,6 +97,7 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
             f"the adapter config from {settings.source} uses {', '.join(unsupported)}, which extract does not carry "
             "over from a full checkpoint (it copies lora_A/lora_B tensors only)"
         )
+    _check_modules_to_save(config, layout, settings)
     if bool(getattr(config, "lora_bias", False)) != layout.lora_bias:
         raise CheckpointError(
             f"the adapter config from {settings.source} says lora_bias={getattr(config, 'lora_bias', False)} but the "
@@ -123,6 +125,17 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
     return config
 
 
+def _check_modules_to_save(config: LoraConfig, layout: LoraLayout, settings: LoraSettings) -> None:
+    """The config's ``modules_to_save`` and the trained copies in the checkpoint must agree (peft matches by suffix)."""
+    wanted = list(config.modules_to_save or [])
+    unlisted = [m for m in layout.modules_to_save if not any(m == w or m.endswith("." + w) for w in wanted)]
+    if unlisted or (wanted and not layout.modules_to_save):
+        raise CheckpointError(
+            f"the adapter config from {settings.source} lists modules_to_save {sorted(wanted)} but the checkpoint "
+            f"holds trained copies of {list(layout.modules_to_save) or 'none'}; is it from another run?"
+        )
+
+
 def extract_adapter(
     checkpoint: str | os.PathLike,
     output: str | os.PathLike,
@@ -134,7 +147,8 @@ def extract_adapter(
 ) -> ExtractedAdapter:
     """Write the LoRA adapter held in a full checkpoint's weights as a standard adapter directory at ``output``.
 
-    Reads only the LoRA tensors (never the frozen base weights), infers the wrapper prefix, target
+    Reads only the LoRA tensors and the trained copies of ``modules_to_save`` modules (never the
+    frozen base weights), infers the wrapper prefix, target
     modules and ``r`` from keys and shapes, and takes ``lora_alpha`` as
     `checkpoint.find_lora_settings` decides (refusing when it is unknown). The result loads
     with ``PeftModel.from_pretrained(base, output)`` with no missing keys; it is verified before it
@@ -203,6 +217,7 @@ def extract_adapter(
         checkpoint_bytes=checkpoint_bytes,
         seconds=time.perf_counter() - start,
         rank_pattern=dict(layout.rank_pattern),
+        modules_to_save=list(layout.modules_to_save),
     )
     logger.info("Wrote adapter to %s (%d tensors, %s)", output, result.num_tensors, human_size(result.num_bytes))
     return result

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,14 @@ from .errors import (
     listed,
 )
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
     human_size,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
+    saved_modules,
     verify_adapter,
 )
 
@@ -93,6 +95,7 @@ class MergeResult:
     copied_files: list[str]
     seconds: float
     compare: dict | None = None
+    modules_to_save: list[str] = field(default_factory=list)  # modules replaced by their trained copies
 
 
 # the base model
@@ -333,12 +336,14 @@ def merge_adapter(
     dtype: str | torch.dtype | None = None,
     compare: bool = False,
     overwrite: bool = False,
+    allow_untrained: bool = False,
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter`` into the model at ``base`` and save the merged model at ``output``.
 
     ``dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype``) overrides the dtype the base
     was saved in. With ``compare``, the logits of base, adapter and merged model on a probe input
-    are compared and recorded in ``merge_info.json``.
+    are compared and recorded in ``merge_info.json``. An adapter that never trained (every ``lora_B`` still
+    at peft's zero init, `untrained.untrained_problem`) is refused unless ``allow_untrained``.
 
     Raises:
         UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
@@ -372,6 +377,14 @@ def merge_adapter(
 
     verify_adapter(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
+    untrained = untrained_problem(read_adapter_config(adapter_dir), tensors)
+    if untrained is not None:
+        if not allow_untrained:
+            raise AdapterVerificationError(
+                f"refusing to merge the adapter at {adapter_dir}: {untrained}. Pass --allow-untrained "
+                "(allow_untrained=True) to merge it anyway."
+            )
+        logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
     problems = check_adapter_modules(tensors, empty_base_model(base_dir))
     if problems:
         raise AdapterVerificationError(
@@ -394,6 +407,7 @@ def merge_adapter(
             ) from exc
         _check_applied(peft_model, tensors, adapter_dir)
         merged_modules = sum(1 for key in tensors if ".lora_A." in key or key.endswith(".lora_embedding_A"))
+        saved, _ = saved_modules(read_adapter_config(adapter_dir), tensors)
         if probe is not None:
             logits["adapter"] = _logits(peft_model, probe)
         # In place (safe_merge=False): safe_merge clones every merged weight, a second copy of most of the model.
@@ -424,6 +438,7 @@ def merge_adapter(
         "dtype": dtype_name,
         "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
         "merged_modules": merged_modules,
+        "modules_to_save": saved,
         "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "compare": comparison,
@@ -449,6 +464,7 @@ def merge_adapter(
         copied_files=copied,
         seconds=time.perf_counter() - start,
         compare=comparison,
+        modules_to_save=saved,
     )
     logger.info("Merged model written to %s (%s)", output, human_size(num_bytes))
     return result

@@ -22,6 +22,7 @@ from ._compat import (
     allow_missing_frozen_parameters,
     check_accelerate_can_unwrap,
     exclude_frozen_parameters_on_save,
+    load_optimizer_and_scheduler_on_cpu,
     rng_state_safe_globals,
 )
 from .atomic import check_replaceable
@@ -31,6 +32,8 @@ from .gathering import gather_adapter_state_dict, is_sharded
 from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
 from .resuming import checkpoint_to_resume, is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
+from .untrained import LIKELY_CAUSES, check_lora_trainable, untrained_problem
+from .verification import adapter_dirs_of, read_adapter_config, read_adapter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,37 @@ class LoraAdapterSavingMixin:
                     "their training. Make them part of the PeftModel (modules_to_save) or keep full checkpoints."
                 )
 
+    def _check_lora_trainable(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Refuse to train LoRA parameters that are frozen or, with ``optimizer``, absent from its param groups."""
+        peft_model = self.lora_component().model
+        adapters = getattr(peft_model, "active_adapters", None) or list(peft_model.peft_config)
+        # FSDP flattens parameters into its own: the optimizer holds those, not the LoRA parameter objects.
+        check_lora_trainable(peft_model, None if self.is_fsdp_enabled else optimizer, adapters)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        # Also returns an optimizer handed in through Trainer(optimizers=(optimizer, scheduler)): checked the same way.
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self._check_lora_trainable(optimizer)
+        return optimizer
+
+    def _warn_if_untrained(self, saved: SavedAdapter | None) -> None:
+        """One WARNING when the adapter just saved still equals peft's zero init after at least one optimizer step."""
+        if saved is None or self.state.global_step < 1:
+            return
+        problems = []
+        for directory in adapter_dirs_of(saved.path):
+            problem = untrained_problem(read_adapter_config(directory), read_adapter_tensors(directory))
+            if problem is not None:
+                problems.append(str(directory))
+        if problems:
+            logger.warning(
+                "The LoRA adapter saved to %s after %d optimizer step(s) never trained: every lora_B is still zero, "
+                "peft's initialisation, so it changes nothing. Likely causes: %s.",
+                ", ".join(problems),
+                self.state.global_step,
+                LIKELY_CAUSES,
+            )
+
     def lora_component(self) -> LoraComponent:
         """The PEFT component that is saved, found in the unwrapped model.
 
@@ -200,6 +234,7 @@ class LoraAdapterSavingMixin:
         super().save_model(output_dir, _internal_call)
         if self._adapter_is_gathered():  # collective: every rank gathers, only the writer writes
             self.last_saved_adapter = save_lora_adapters(self, output_dir)
+            self._warn_if_untrained(self.last_saved_adapter)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -215,10 +250,12 @@ class LoraAdapterSavingMixin:
                 state_dict=state_dict,
                 save_embedding_layers=self.save_embedding_layers,
             )
+            self._warn_if_untrained(self.last_saved_adapter)
 
     def _save_adapter_only_checkpoint(self, output_dir: str) -> None:
         """The model part of an adapter-only checkpoint: the adapter, training arguments and tokenizer, no base weights."""
         self.last_saved_adapter = save_lora_adapters(self, output_dir)  # gathers on every rank when sharded
+        self._warn_if_untrained(self.last_saved_adapter)
         if not self.args.should_save:
             return
         if self.processing_class is not None:
@@ -248,12 +285,15 @@ class LoraAdapterSavingMixin:
             super()._save_optimizer_and_scheduler(output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* ``checkpoint-N``.
+        """``Trainer.train``, after checking the LoRA parameters train; ``resume_from_checkpoint=True`` takes the newest
+        *complete* ``checkpoint-N``.
 
         ``Trainer`` takes the highest-numbered one, which after a kill during a save is the
         partial one, and fails on its missing files; here an interrupted checkpoint is skipped with
         a warning (and naming one explicitly is refused with the name of the one to use).
         """
+        if self.model is not None:  # with model_init the model exists only inside train(): create_optimizer checks
+            self._check_lora_trainable()
         if resume_from_checkpoint:
             resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -273,6 +313,11 @@ class LoraAdapterSavingMixin:
             load_lora_adapters(self.lora_component(), os.path.join(best, ADAPTER_DIRNAME))
             return
         super()._load_best_model()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and load_optimizer_and_scheduler_on_cpu(self, checkpoint):  # DDP on CPU, 4.46
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         with rng_state_safe_globals():

@@ -33,6 +33,7 @@ from .names import (
     TRAINER_STATE,
 )
 from .runs import CHECKPOINT_NAME, is_complete_checkpoint
+from .untrained import untrained_problem
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class AdapterSummary:
     r: int | None = None
     lora_alpha: float | None = None
     target_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
     num_tensors: int = 0
     num_parameters: int = 0
     num_bytes: int = 0
@@ -327,6 +329,48 @@ _LORA_FIELDS: dict[str, tuple[str, object]] = {
 _REQUIRED_FIELDS = ("r", "lora_alpha")
 
 
+def _full_weight_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The modules whose whole weights the adapter holds (``modules_to_save``, saved embedding layers), sorted."""
+    return sorted(
+        {
+            key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1)[0]
+            for key in tensors
+            if key.startswith(PEFT_KEY_PREFIX) and _lora_part(key) is None and "." in key[len(PEFT_KEY_PREFIX) :]
+        }
+    )
+
+
+def saved_modules(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], str | None]:
+    """The adapter's ``modules_to_save`` modules found in its tensors, and a problem when the config's are all absent.
+
+    peft matches a ``modules_to_save`` entry against the end of a module path, as here. Task types
+    add entries of their own (``classifier`` and ``score`` for sequence classification) of which a
+    model has only some, so only a config none of whose entries is in the file is a problem: the
+    trained heads were lost (a partitioned or filtered save); the post-save check, which knows
+    the live model, requires each one.
+
+    Examples:
+        >>> saved_modules({"modules_to_save": ["lm_head"]}, {"base_model.model.lm_head.weight": torch.ones(2, 2)})
+        (['lm_head'], None)
+        >>> saved_modules({"modules_to_save": ["lm_head"]}, {})[1]
+        "adapter_config.json lists modules_to_save ['lm_head'] but none of them is in the file: the trained weights were lost"
+    """
+    wanted = config.get("modules_to_save") or []
+    if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
+        return [], None
+    found = [
+        module
+        for module in _full_weight_modules(tensors)
+        if any(module == entry or module.endswith("." + entry) for entry in wanted)
+    ]
+    if wanted and not found:
+        return [], (
+            f"adapter_config.json lists modules_to_save {sorted(wanted)} but none of them is in the file: "
+            "the trained weights were lost"
+        )
+    return found, None
+
+
 def _lora_config_problems(config: Mapping) -> list[str]:
     """Problems of the fields of a LoRA ``adapter_config.json`` that peft reads, each checked by type and value."""
     problems = []
@@ -366,10 +410,12 @@ def inspect_adapter(
     directory: str | Path,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     base_model: torch.nn.Module | None = None,
+    check_trained: bool = False,
 ) -> AdapterSummary:
     """Read an adapter directory and report what it holds and every problem found; never raises for bad content.
 
     With ``base_model`` (which may be on the meta device), also `check_adapter_modules` against it.
+    With ``check_trained``, an adapter still at peft's zero init is a problem (`untrained.untrained_problem`).
 
     Examples:
         >>> import torch
@@ -398,8 +444,15 @@ def inspect_adapter(
     summary.num_parameters = sum(t.numel() for t in tensors.values())
     summary.num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     summary.problems.extend(check_adapter_tensors(config, tensors, expected_shapes))
+    summary.modules_to_save, saved_problem = saved_modules(config, tensors)
+    if saved_problem:
+        summary.problems.append(saved_problem)
     if base_model is not None and tensors:
         summary.problems.extend(check_adapter_modules(tensors, base_model))
+    if check_trained and summary.peft_type == "LORA":
+        untrained = untrained_problem(config, tensors)
+        if untrained is not None:
+            summary.problems.append(untrained)
     return summary
 
 
@@ -520,6 +573,7 @@ def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     """
     modules = dict(model.named_modules())
     absent, misfit = [], []
+    absent_weights, misfit_weights = _full_weight_problems(tensors, model)
     for key, tensor in tensors.items():
         split = _lora_part(key)
         if split is None or not split[0].startswith(PEFT_KEY_PREFIX[:-1]):
@@ -548,20 +602,49 @@ def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
         )
     if misfit:
         problems.append(f"{len(misfit)} LoRA matrix(es) do not fit the base model's layers: {listed(misfit)}")
+    if absent_weights:
+        problems.append(
+            f"{len(absent_weights)} full weight(s) (modules_to_save) are not in the base model: {listed(absent_weights)}"
+        )
+    if misfit_weights:
+        problems.append(
+            f"{len(misfit_weights)} full weight(s) (modules_to_save) do not fit the base model's: {listed(misfit_weights)}"
+        )
     return problems
 
 
-def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) -> list[AdapterSummary]:
+def _full_weight_problems(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Full weights of the adapter (``modules_to_save``, saved embeddings) absent from ``model``, and those of another shape."""
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    params.update({name: tuple(b.shape) for name, b in model.named_buffers()})
+    absent, misfit = [], []
+    for key, tensor in sorted(tensors.items()):
+        if not key.startswith(PEFT_KEY_PREFIX) or _lora_part(key) is not None:
+            continue
+        # an embedding that is itself a LoRA layer saves its base weight as <module>.base_layer.weight
+        name = key[len(PEFT_KEY_PREFIX) :].replace(".base_layer.", ".")
+        if name not in params:
+            absent.append(name)
+        elif tuple(tensor.shape) != params[name]:
+            misfit.append(f"{name} {tuple(tensor.shape)} vs {params[name]}")
+    return absent, misfit
+
+
+def inspect_path(
+    path: str | Path, base_model: torch.nn.Module | None = None, check_trained: bool = True
+) -> list[AdapterSummary]:
     """`inspect_adapter` on every adapter directory ``path`` stands for (see `adapter_dirs_of`).
 
     With ``base_model`` (built on the meta device from the base's config), also checks that the
-    adapter's modules exist in it with matching sizes. Never raises for bad content: each problem
-    is in a summary.
+    adapter's modules exist in it with matching sizes. With ``check_trained`` (the default), an
+    adapter whose ``lora_B`` are all still zero under a zero-start init fails as untrained.
+    Never raises for bad content: each problem is in a summary.
 
     Examples:
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
         >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> _ = torch.nn.init.normal_(peft_model.base_model.model.q_proj.lora_B.default.weight)  # as training does
         >>> for directory in ("out/checkpoint-2", "out"):
         ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
         >>> [(s.path, s.ok) for s in inspect_path("out", base_model=torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}))]
@@ -589,7 +672,7 @@ def inspect_path(path: str | Path, base_model: torch.nn.Module | None = None) ->
                 problem = f"{checkpoint} holds no adapter: no {directory.name}/, no {CONFIG_NAME}, no model weights"
             summaries.append(AdapterSummary(path=str(directory), problems=[problem]))
             continue
-        summaries.append(inspect_adapter(directory, base_model=base_model))
+        summaries.append(inspect_adapter(directory, base_model=base_model, check_trained=check_trained))
     return summaries
 
 
@@ -608,5 +691,6 @@ __all__ = [
     "read_adapter_config",
     "read_adapter_tensors",
     "read_json_object",
+    "saved_modules",
     "verify_adapter",
 ]

@@ -179,3 +179,145 @@ class SavedAdapters(logging.Handler):
     def __exit__(self, *exc_info):
         self._logger.removeHandler(self)
         self._logger.setLevel(self._old_level)
+
+
+# Text + audio training of the whole DualFFN model (Higgs stack), for modules_to_save and LoRA on audio_mlp.
+# On the newest stack the same helpers fall back to the text-only model above (no audio head there).
+
+AUDIO_OUT, AUDIO_OUT_BOS, AUDIO_EOS = 251, 252, 253  # the tiny HiggsAudioConfig's special tokens (tiny_base_model)
+CODEBOOKS, CODEBOOK_SIZE = 4, 32
+
+
+def heads_to_save(model: nn.Module) -> list[str]:
+    """``modules_to_save`` names for the heads and embeddings a voice run trains fully, as far as ``model`` has them.
+
+    HiggsAudioModel: the audio head, the text head and the codebook embeddings. A model without an
+    audio head (the newest stack's Llama, whose lm_head is tied to its embeddings): its final norm.
+    """
+    present = dict(model.named_modules())
+    higgs = ["audio_decoder_proj.audio_lm_head", "audio_decoder_proj.text_lm_head", "audio_codebook_embeddings"]
+    names = [name for name in higgs if name in present]
+    return names or ["model.norm"]
+
+
+def speech_lora_config(targets, modules_to_save=None, r: int = 4) -> LoraConfig:
+    """``lora_config`` with other target modules (a list or a regex) and optional ``modules_to_save``."""
+    config = lora_config(r)
+    config.target_modules = targets if isinstance(targets, str) else set(targets)
+    config.modules_to_save = modules_to_save
+    return config
+
+
+def speech_loss(outputs, label_audio_ids) -> torch.Tensor:
+    """HiggsAudioModel's text + audio next-token loss, as examples/train_higgs_lora.py computes it."""
+    text_loss = causal_lm_loss(outputs.logits, outputs.expanded_labels)
+    audio_logits = outputs.audio_logits  # (audio positions, codebooks, codebook size + 2)
+    targets = label_audio_ids[:, 1:].T
+    audio_loss = nn.functional.cross_entropy(
+        audio_logits[:-1].reshape(-1, audio_logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+    return text_loss + audio_loss
+
+
+class SpeechWrapper(nn.Module):
+    """The community wrapper around HiggsAudioModel, with its text + audio loss; returns text and audio logits."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, label_ids, audio_out_ids, audio_out_ids_start,
+                audio_out_ids_start_group_loc, label_audio_ids):  # fmt: skip
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, label_ids=label_ids, audio_out_ids=audio_out_ids,
+            audio_out_ids_start=audio_out_ids_start, audio_out_ids_start_group_loc=audio_out_ids_start_group_loc,
+            label_audio_ids=label_audio_ids,
+        )  # fmt: skip
+        return {"loss": speech_loss(out, label_audio_ids), "logits": out.logits, "audio_logits": out.audio_logits}
+
+
+def make_speech_model(targets, modules_to_save=None, seed: int = 0, r: int = 4) -> nn.Module:
+    """A wrapper whose ``.model`` is the PeftModel: text + audio loss on the Higgs stack, text loss on the newest."""
+    base = tiny_base_model(seed)
+    peft_model = get_peft_model(base, speech_lora_config(targets, modules_to_save, r))
+    return SpeechWrapper(peft_model) if HIGGS_STACK else Wrapper(peft_model)
+
+
+class SpeechSamples(torch.utils.data.Dataset):
+    """TTS-shaped ChatMLDatasetSamples (prompt, one audio-out segment of random codes, text); tokens on the newest stack."""
+
+    def __init__(self, n: int = 16, seed: int = 1, audio_len: int = 6):
+        self.tokens = RandomTokens(n, seed)
+        gen = torch.Generator().manual_seed(seed)
+        self.codes = torch.randint(0, CODEBOOK_SIZE, (n, CODEBOOKS, audio_len), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        if not HIGGS_STACK:
+            return self.tokens[i]
+        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+        ids = self.tokens.ids[i].clone()
+        ids[4], ids[5], ids[6] = AUDIO_OUT_BOS, AUDIO_OUT, AUDIO_EOS
+        labels = ids.clone()
+        labels[:4] = -100
+        return ChatMLDatasetSample(
+            input_ids=ids, label_ids=labels, audio_ids_concat=self.codes[i].clone(),
+            audio_ids_start=torch.tensor([0]), audio_waveforms_concat=torch.zeros(0),
+            audio_waveforms_start=torch.zeros(0, dtype=torch.long), audio_sample_rate=torch.zeros(0),
+            audio_speaker_indices=torch.zeros(0, dtype=torch.long),
+        )  # fmt: skip
+
+
+def speech_collator():
+    """boson_multimodal's HiggsAudioSampleCollator for the tiny config (Higgs stack); None (Trainer's default) elsewhere."""
+    if not HIGGS_STACK:
+        return None
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+
+    config = tiny_base_model().config
+    collator = HiggsAudioSampleCollator(
+        whisper_processor=None, encode_whisper_embed=False, audio_in_token_id=config.audio_in_token_idx,
+        audio_out_token_id=config.audio_out_token_idx, audio_stream_bos_id=config.audio_stream_bos_id,
+        audio_stream_eos_id=config.audio_stream_eos_id, pad_token_id=config.pad_token_id, return_audio_in_tokens=False,
+        use_delay_pattern=config.use_delay_pattern, audio_num_codebooks=config.audio_num_codebooks, round_to=8,
+    )  # fmt: skip
+    fields = ("input_ids", "attention_mask", "audio_out_ids", "audio_out_ids_start", "audio_out_ids_start_group_loc",
+              "label_ids", "label_audio_ids")  # fmt: skip
+
+    def collate(samples):
+        batch = collator(samples)
+        return {name: getattr(batch, name) for name in fields}
+
+    return collate
+
+
+def speech_probe(n: int = 2) -> dict[str, torch.Tensor]:
+    """A fixed batch for comparing models (fresh samples: the collator writes into label_ids)."""
+    samples = SpeechSamples(n=n, seed=99)
+    collate = speech_collator()
+    if collate is None:
+        return probe_batch(n)
+    return collate([samples[i] for i in range(n)])
+
+
+@torch.no_grad()
+def speech_logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"text": ..., "audio": ...}`` logits of a wrapper, or of a bare (Peft)HiggsAudioModel given the same batch."""
+    model.eval()
+    if isinstance(model, (SpeechWrapper, Wrapper)):
+        out = model(**batch)
+    elif HIGGS_STACK:
+        kwargs = {k: v for k, v in batch.items()}
+        out = model(**kwargs)
+        out = {"logits": out.logits, "audio_logits": out.audio_logits}
+    else:
+        out = {"logits": model(**batch).logits}
+    result = {"text": out["logits"].float()}
+    if out.get("audio_logits") is not None:
+        result["audio"] = out["audio_logits"].float()
+    return result

@@ -200,7 +200,7 @@ def test_lora_alpha_from_an_adapter_config_file(checkpoint, old_runs, tmp_path, 
         # what the config promises beyond lora_A/lora_B would load wrong from the copied tensors
         ({"use_dora": True}, "uses use_dora"),
         ({"bias": "all"}, "uses bias='all'"),
-        ({"modules_to_save": ["lm_head"]}, "uses modules_to_save"),
+        ({"modules_to_save": ["lm_head"]}, "lists modules_to_save"),
         ({"lora_bias": True}, "says lora_bias=True but the checkpoint has no lora_B bias tensors"),
     ],
 )
