@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every check on both stacks: ruff, the strict docs build, then the whole pytest suite on the Higgs stack and on the newest stack.
+# Every check on both stacks: ruff, the strict docs build, then the whole pytest suite on the Higgs stack and on the newest stack
+# (tests/ and the docstring examples of higgs_trainer/ as doctests: setup.cfg's [tool:pytest]).
 # Sets up the environments it needs (scripts/env.sh). Exits non-zero if anything fails.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -87,6 +87,7 @@ def test_sdist_and_wheel_carry_the_version_license_and_metadata(dists):
     metadata = wheel_metadata(wheel)
     assert metadata["Version"] == __version__
     assert metadata["Requires-Python"] == ">=3.11"
+    assert "Apache-2.0" in (metadata["License-Expression"], metadata["License"])
     extras = set(metadata.get_all("Provides-Extra"))
     assert {"test", "docs", "deepspeed"} <= extras
 
