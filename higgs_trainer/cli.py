@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         parents=[common],
         help="merge an adapter into its base model and save the merged model",
-        description="Load BASE_DIR (HiggsAudioModel for a higgs_audio config), apply the adapter, check every "
-        "adapter tensor landed, merge, and save in safetensors with the base's tokenizer files.",
+        description="Merge the adapter into BASE_DIR and save the merged model in safetensors with the base's config, "
+        "tokenizer and processor files. A safetensors base is merged tensor by tensor without loading the model "
+        "(memory follows the largest tensor); --in-memory, or a pytorch_model.bin base, loads BASE_DIR "
+        "(HiggsAudioModel for a higgs_audio config) and merges with peft's merge_and_unload.",
     )
     merge.add_argument("--base", required=True, metavar="BASE_DIR", help="the base model directory")
     merge.add_argument("--adapter", required=True, metavar="DIR", help="adapter (or checkpoint) directory")
@@ -104,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the base's own)")
     merge.add_argument("--compare", action="store_true", help="compare base, adapter and merged logits on a probe")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    merge.add_argument(
+        "--in-memory", action="store_true", help="load the base model and merge with peft (default: stream the tensors)"
+    )
+    merge.add_argument(
+        "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
+    )
     merge.set_defaults(handler=_merge)
     return parser
 
@@ -167,8 +175,18 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    max_shard_size = args.max_shard_size
+    if max_shard_size is not None:
+        max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
     result = merge_adapter(
-        args.base, args.adapter, args.output, dtype=args.dtype, compare=args.compare, overwrite=args.overwrite
+        args.base,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        compare=args.compare,
+        overwrite=args.overwrite,
+        streaming=False if args.in_memory else None,
+        max_shard_size=max_shard_size,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
@@ -178,7 +196,7 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     print(
         f"Merged {result.adapter} ({result.merged_modules} LoRA modules) into {result.base} ({result.model_class}, "
-        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s"
+        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s ({result.method})"
     )
     if comparison:
         base, adapter = comparison["base_vs_merged"], comparison["adapter_vs_merged"]

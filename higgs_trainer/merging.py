@@ -33,6 +33,7 @@ from .atomic import staged_directory
 from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, UsageError, first_line
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .streaming_merge import IN_MEMORY, safetensors_weight_files, stream_merge
 from .verification import (
     check_adapter_modules,
     human_size,
@@ -84,6 +85,7 @@ class MergeResult:
     copied_files: list[str]
     seconds: float
     compare: dict | None = None
+    method: str = "in-memory"
 
 
 # the base model
@@ -296,12 +298,19 @@ def merge_adapter(
     dtype: str | torch.dtype | None = None,
     compare: bool = False,
     overwrite: bool = False,
+    streaming: bool | None = None,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter`` into the model at ``base`` and save the merged model at ``output``.
 
     ``dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"`` or a ``torch.dtype``) overrides the dtype the base
     was saved in. With ``compare``, the logits of base, adapter and merged model on a probe input
     are compared and recorded in ``merge_info.json``.
+
+    A safetensors base is merged tensor by tensor without building the model
+    (`streaming_merge.stream_merge`, sharded at ``max_shard_size``) unless ``streaming=False``;
+    a ``pytorch_model.bin`` base, or ``streaming=False``, loads the model and merges with peft's
+    ``merge_and_unload`` in memory.
 
     Raises:
         UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
@@ -325,6 +334,14 @@ def merge_adapter(
         dtype = DTYPES[dtype]
 
     verify_adapter(adapter_dir)
+    files = safetensors_weight_files(base_dir) if streaming is not False else None
+    if files is not None:
+        return stream_merge(
+            base_dir, adapter_dir, output, files, dtype=dtype, compare=compare, max_shard_size=max_shard_size
+        )
+    if streaming:
+        raise UsageError(f"{base_dir} has no safetensors weights, which the streaming merge reads; {IN_MEMORY}")
+    logger.info("Merging in memory (%s)", "asked for" if streaming is False else "the base has no safetensors weights")
     tensors = read_adapter_tensors(adapter_dir)
     problems = check_adapter_modules(tensors, empty_base_model(base_dir))
     if problems:
@@ -376,6 +393,7 @@ def merge_adapter(
         "adapter": str(adapter_dir.resolve()),
         "model_class": model_class,
         "dtype": dtype_name,
+        "method": "in-memory",
         "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
         "merged_modules": merged_modules,
         "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
