@@ -28,7 +28,9 @@ import math
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ SAFETENSORS_DTYPES = {
 _NAMES_OF_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on a header's size
 _COPY_CHUNK = 64 * 2**20
+_IN_FLIGHT = 2  # computed tensors waiting for the writer thread, at most
 # LoRA config fields that change nothing this module computes (or that it reads itself), and their defaults
 # need not be checked; every other field must be unset (falsy) for the streaming merge to accept the adapter.
 _HANDLED_FIELDS = {
@@ -222,7 +225,7 @@ class LoraDelta:
         product = self.b @ self.a
         if self.embedding or self.fan_in_fan_out:
             product = product.T
-        return product * self.scaling
+        return product.mul_(self.scaling)  # in place: the same products as `* scaling`, without a second copy
 
 
 @dataclass
@@ -411,9 +414,17 @@ def merged_tensor(name: str, stored: StoredTensor, plan: MergePlan, dtype: torch
     if bias is not None:
         with torch.no_grad():
             tensor += bias.bias * bias.scaling
-    if (name in plan.deltas or name in plan.bias) and not bool(torch.isfinite(tensor).all()):
+    if (name in plan.deltas or name in plan.bias) and not _is_finite(tensor):
         raise MergeError(f"the merged {name!r} holds NaN or inf (adapter too large for the dtype?)")
     return tensor
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: its min and max (which propagate NaN) are finite; a single fast pass."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 # writing
@@ -475,6 +486,20 @@ def _write_all(out, data: memoryview) -> None:
         data = data[os.write(out.fileno(), data) :]
 
 
+def _write_tensor(out, tensor: torch.Tensor) -> None:
+    _write_all(out, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _prefetch(tensor: StoredTensor) -> None:
+    """Ask the kernel to start reading ``tensor``'s bytes now, while the one before it is computed."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(tensor.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, tensor.begin, tensor.num_bytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 def write_merged_weights(
     stored: Mapping[str, StoredTensor],
     plan: MergePlan,
@@ -485,8 +510,8 @@ def write_merged_weights(
     """Write the merged tensors into ``directory`` as transformers shards them; return the bytes of tensor data.
 
     Each file's header is written first (every tensor's shape and dtype are known from the base),
-    then each tensor's bytes in turn, so at most one tensor is in memory: safetensors'
-    ``save_file`` needs every tensor of a file in memory at once.
+    then each tensor's bytes in turn, so only the few tensors being computed or written are in
+    memory: safetensors' ``save_file`` needs every tensor of a file in memory at once.
     """
 
     def out_dtype(t: StoredTensor) -> str:
@@ -496,24 +521,35 @@ def write_merged_weights(
 
     sizes = {name: t.numel * SAFETENSORS_DTYPES[out_dtype(t)].itemsize for name, t in stored.items()}
     shards = shard_plan(sizes, max_shard_size)
-    touched = plan.touched
+    computed = [n for n, t in stored.items() if n in plan.touched or out_dtype(t) != t.dtype]
+    upcoming = dict(zip(computed[:-1], computed[1:], strict=True))
     weight_map, total = {}, 0
     with progress_bar(len(stored), "merging") as bar:
         for number, names in enumerate(shards, 1):
             file = SAFE_WEIGHTS if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             entries = [(n, out_dtype(stored[n]), stored[n].shape, sizes[n]) for n in names]
-            with open(directory / file, "wb", buffering=0) as out:
+            # One writer thread appends to the file in order while this thread computes the next tensor, so
+            # reading, computing and writing overlap; at most _IN_FLIGHT written tensors wait in memory.
+            with open(directory / file, "wb", buffering=0) as out, ThreadPoolExecutor(1) as writer:
                 _write_all(out, memoryview(_header_bytes(entries)))
+                pending: deque[Future] = deque()
                 for name in names:
                     source = stored[name]
-                    if name not in touched and out_dtype(source) == source.dtype:
-                        _copy_bytes(source, out)
-                    else:
+                    if name in upcoming:
+                        _prefetch(stored[upcoming[name]])
+                    if name in computed:
                         tensor = merged_tensor(name, source, plan, dtype).contiguous()
-                        _write_all(out, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                        pending.append(writer.submit(_write_tensor, out, tensor))
                         del tensor
+                    else:
+                        pending.append(writer.submit(_copy_bytes, source, out))
+                    while pending and (len(pending) > _IN_FLIGHT or pending[0].done()):
+                        pending.popleft().result()
+                        bar.update(1)
                     weight_map[name] = file
                     total += sizes[name]
+                while pending:
+                    pending.popleft().result()
                     bar.update(1)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
