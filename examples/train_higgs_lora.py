@@ -404,6 +404,7 @@ def report(args: argparse.Namespace) -> None:
     print("\nNext:")
     print(f"  verify: higgs-trainer verify {out} --base {base}")
     print(f"  merge:  higgs-trainer merge --base {base} --adapter {out / 'lora_adapters'} --output {out}-merged")
+    print("          (streams the base's safetensors tensor by tensor; add --compare to check the merged outputs)")
     print(f"  load:   PeftModel.from_pretrained(HiggsAudioModel.from_pretrained('{base}'), '{out / 'lora_adapters'}')")
 
 

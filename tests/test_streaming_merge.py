@@ -300,3 +300,33 @@ def test_forcing_streaming_on_a_pickle_base_says_what_to_do(tmp_path):
     (base / "model.safetensors").unlink()
     with pytest.raises(merging.UsageError, match="no safetensors weights.*--in-memory"):
         merging.merge_adapter(base, adapter, tmp_path / "m", streaming=True)
+
+
+def _compare(capsys, base, adapter, out):
+    code, stdout, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", out, "--compare", "--json")
+    assert code == 0, err
+    # Importing deepspeed (which loading a model may do) prints a "[WARNING] ... accelerator" line on stdout.
+    return json.loads(stdout[stdout.index("\n{") + 1 :] if not stdout.startswith("{") else stdout)["compare"]
+
+
+def test_compare_checks_the_audio_head_of_the_project_model(tmp_path, capsys):
+    """--compare on a Higgs model also runs an audio-out probe (text-only on the newest stack's Llama)."""
+    model = tiny_base_model()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    base, adapter = save_pair(tmp_path, model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    compare = _compare(capsys, base, adapter, tmp_path / "m")
+    assert compare["base_vs_merged"]["max_abs"] > 1e-3 and compare["adapter_vs_merged"]["max_abs"] < 1e-3
+    if HIGGS_STACK:
+        assert compare["audio_probe_frames"] == 6
+        assert compare["audio_base_vs_merged"]["max_abs"] > 1e-3, "the adapter changed no audio logit"
+        assert compare["audio_adapter_vs_merged"]["max_abs"] < 1e-3
+    else:
+        assert "audio_base_vs_merged" not in compare
+
+
+@pytest.mark.skipif(HIGGS_STACK, reason="transformers' HiggsAudioV2ForConditionalGeneration needs the newest stack")
+def test_compare_checks_the_audio_head_of_transformers_higgs_audio_v2(tmp_path, capsys):
+    base, adapter = save_pair(tmp_path, higgs_v2(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    compare = _compare(capsys, base, adapter, tmp_path / "m")
+    assert compare["audio_base_vs_merged"]["max_abs"] > 1e-3
+    assert compare["audio_adapter_vs_merged"]["max_abs"] < 1e-3
