@@ -215,6 +215,25 @@ def child(mode: str, args: list[str]) -> None:
         os.close(fd)
         print(json.dumps({"work_seconds": time.perf_counter() - start}))
         return
+    if mode == "same":  # are two merged outputs the same tensors, bit for bit? one tensor at a time
+        import torch
+        from safetensors import safe_open
+
+        def tensors(directory: Path) -> dict[str, Path]:
+            found = {}
+            for file in _weight_files(directory):
+                with safe_open(str(file), framework="pt") as reader:
+                    found.update(dict.fromkeys(reader.keys(), file))
+            return found
+
+        a, b = tensors(Path(args[0])), tensors(Path(args[1]))
+        different = [] if set(a) == set(b) else ["(keys)"]
+        for key in sorted(set(a) & set(b)):
+            with safe_open(str(a[key]), framework="pt") as ra, safe_open(str(b[key]), framework="pt") as rb:
+                if not torch.equal(ra.get_tensor(key), rb.get_tensor(key)):
+                    different.append(key)
+        print(json.dumps({"tensors": len(a), "different": different[:5], "bit_equal": not different}))
+        return
     if mode == "community":
         import torch
         from peft import PeftModel
@@ -265,19 +284,26 @@ def main() -> None:
     mb = 2**20
     results = {"torch": measure("torch")}
 
-    def run(name: str, *child_args: str, output: Path) -> None:
+    def run(name: str, *child_args: str, output: Path, keep: bool = False) -> None:
         shutil.rmtree(output, ignore_errors=True)
         evict(base)
         print(f"running {name} ...", file=sys.stderr)
         results[name] = measure(*child_args)
-        shutil.rmtree(output, ignore_errors=True)  # room on the disk for the next run
+        if not keep:
+            shutil.rmtree(output, ignore_errors=True)  # room on the disk for the next run
 
-    out = args.work / "out"
+    out, streamed = args.work / "out", args.work / "streamed"
     run("copy", "copy", str(base), str(out), output=out)
-    merge = ["merge", "--base", str(base), "--adapter", str(adapter), "-o", str(out), "--overwrite"]
-    run("streaming", "merge", *merge, output=out)
+    merge = ["merge", "--base", str(base), "--adapter", str(adapter), "--overwrite", "-o"]
+    run("streaming", "merge", *merge, str(streamed), output=streamed, keep="inmemory" not in skip)
     if "inmemory" not in skip:
-        run("in-memory", "merge", *merge, "--in-memory", output=out)
+        run("in-memory", "merge", *merge, str(out), "--in-memory", output=out, keep=True)
+        print("comparing the streamed and in-memory outputs ...", file=sys.stderr)
+        same = measure("same", str(streamed), str(out))
+        results["streaming"]["bit_equal_to_in_memory"] = same["bit_equal"]
+        results["streaming"]["different_tensors"] = same["different"]
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(streamed, ignore_errors=True)
     need_mib = 3.2 * info["base_bytes"] / mb  # float32 weights (2x bf16) plus save_pretrained's copies
     if "community" not in skip and _available_mib() > need_mib:
         run("community", "community", str(base), str(adapter), str(out), output=out)
@@ -318,6 +344,8 @@ def main() -> None:
         )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
+    if "bit_equal_to_in_memory" in stream:
+        print(f"streaming output bit-equal to the in-memory (peft) output: {stream['bit_equal_to_in_memory']}")
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)
 

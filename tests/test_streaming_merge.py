@@ -330,3 +330,14 @@ def test_compare_checks_the_audio_head_of_transformers_higgs_audio_v2(tmp_path, 
     compare = _compare(capsys, base, adapter, tmp_path / "m")
     assert compare["audio_base_vs_merged"]["max_abs"] > 1e-3
     assert compare["audio_adapter_vs_merged"]["max_abs"] < 1e-3
+
+
+def test_a_wider_model_and_a_large_rank_merge_bit_for_bit(tmp_path, capsys):
+    """Products of rank 64 over 256-wide layers: the streaming merge's single-threaded products equal peft's."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**LLAMA, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 1})
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    base, adapter = save_pair(tmp_path, model, LoraConfig(r=64, lora_alpha=16, target_modules=ALL_LINEAR))
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
+    assert code == 0, err
+    assert_bit_equal_to_peft(type(model), base, adapter, tmp_path / "m", torch.bfloat16, 7)
