@@ -271,14 +271,12 @@ def _split_lora_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _orientation(module: str, weight: StoredTensor, out_in: tuple[int, int], configured: bool) -> bool | None:
+def _orientation(module: str, weight: StoredTensor, out_in: tuple[int, int]) -> bool | None:
     """Whether peft merges ``module`` transposed (a GPT-2 ``Conv1D``): from the shapes; None if only the config can say.
 
     peft decides by the layer's type (``Conv1D`` always ``fan_in_fan_out=True``, ``nn.Linear`` always
     False, whatever the config said); without the model the shapes tell, except for a square weight.
     """
-    if len(weight.shape) != 2:
-        return False if weight.shape == out_in else None
     if weight.shape == out_in and weight.shape[::-1] != out_in:
         return False
     if weight.shape == out_in[::-1] and weight.shape != out_in:
@@ -322,7 +320,8 @@ def plan_merge(
             continue
         module, part, param = split
         embedding = part.startswith("lora_embedding")
-        if part == "lora_magnitude_vector" or (param != "" if embedding else param not in ("weight", "bias")):
+        allowed = ("",) if embedding else ("weight", "bias") if part == "lora_B" else ("weight",)
+        if part == "lora_magnitude_vector" or param not in allowed:
             unsupported.append(key)
             continue
         pairs.setdefault(module, {})[part if param in ("", "weight") else f"{part}.{param}"] = value
@@ -370,7 +369,7 @@ def plan_merge(
                     f"the embedding LoRA of {module!r} makes a {out_in[::-1]} delta, its weight is {stored[target].shape}"
                 )
         else:
-            transposed = _orientation(module, stored[target], out_in, configured_fan_in_fan_out)
+            transposed = _orientation(module, stored[target], out_in)
             if transposed is None:
                 ambiguous.append(delta)
             else:
