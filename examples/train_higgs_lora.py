@@ -411,6 +411,7 @@ def report(args: argparse.Namespace) -> None:
         f"  merge:  {command} merge --base {shlex.quote(str(base))} --adapter {shlex.quote(str(adapter))} "
         f"--output {shlex.quote(str(run))}-merged"
     )
+    print("          (streams the base's safetensors tensor by tensor; add --compare to check the merged outputs)")
     print(f"  load:   PeftModel.from_pretrained(HiggsAudioModel.from_pretrained('{base}'), '{adapter}')")
 
 

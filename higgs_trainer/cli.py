@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         parents=[common],
         help="merge an adapter into its base model and save the merged model",
-        description="Load BASE_DIR (HiggsAudioModel for a higgs_audio config), apply the adapter, check every "
-        "adapter tensor landed, merge, and save in safetensors with the base's tokenizer files.",
+        description="Merge the adapter into BASE_DIR and save the merged model in safetensors with the base's config, "
+        "tokenizer and processor files. A safetensors base is merged tensor by tensor without loading the model "
+        "(memory follows the largest tensor); --in-memory, or a pytorch_model.bin base, loads BASE_DIR "
+        "(HiggsAudioModel for a higgs_audio config) and merges with peft's merge_and_unload.",
     )
     merge.add_argument("--base", required=True, metavar="BASE_DIR", help="the base model directory")
     merge.add_argument("--adapter", required=True, metavar="DIR", help="adapter (or checkpoint) directory")
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     merge.add_argument(
         "--allow-untrained", action="store_true", help="merge even an adapter whose lora_B are all still zero"
+    )
+    merge.add_argument(
+        "--in-memory", action="store_true", help="load the base model and merge with peft (default: stream the tensors)"
+    )
+    merge.add_argument(
+        "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
     )
     merge.set_defaults(handler=_merge)
     return parser
@@ -184,6 +192,9 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    max_shard_size = args.max_shard_size
+    if max_shard_size is not None:
+        max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
     result = merge_adapter(
         args.base,
         args.adapter,
@@ -192,6 +203,8 @@ def _merge(args: argparse.Namespace) -> int:
         compare=args.compare,
         overwrite=args.overwrite,
         allow_untrained=args.allow_untrained,
+        streaming=False if args.in_memory else None,
+        max_shard_size=max_shard_size,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
@@ -202,7 +215,7 @@ def _merge(args: argparse.Namespace) -> int:
     saved = f", {len(result.modules_to_save)} modules_to_save" if result.modules_to_save else ""
     print(
         f"Merged {result.adapter} ({result.merged_modules} LoRA modules{saved}) into {result.base} ({result.model_class}, "
-        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s"
+        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s ({result.method})"
     )
     if comparison:
         base, adapter = comparison["base_vs_merged"], comparison["adapter_vs_merged"]

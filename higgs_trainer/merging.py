@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .errors import (
     listed,
 )
 from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .streaming_merge import IN_MEMORY, read_base_tensors, safetensors_weight_files, stream_merge
 from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
@@ -96,6 +98,7 @@ class MergeResult:
     seconds: float
     compare: dict | None = None
     modules_to_save: list[str] = field(default_factory=list)  # modules replaced by their trained copies
+    method: str = "in-memory"
 
 
 # the base model
@@ -194,12 +197,42 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     # on the meta device and fail later with "cannot be called on meta tensors". Both are checked.
     missing = sorted(set(info.get("missing_keys") or []) | set(_meta_tensor_names(model)))
     if missing:
-        raise CheckpointError(
-            f"the weights in {base_dir} lack {len(missing)} weight(s) of {cls.__name__}: {listed(missing)}; "
-            "the base is incomplete (a shard missing or truncated?): not merging into missing weights"
-        )
+        raise CheckpointError(_incomplete_base(base_dir, cls.__name__, missing))
     model.eval()
     return model
+
+
+def check_base_complete(base_dir: str | os.PathLike, stored: Iterable[str]) -> None:
+    """Refuse a base whose weight files lack weights its model has (`CheckpointError` naming them).
+
+    ``stored`` are the tensor names in the files. The model is built on the meta device (no
+    weights); a weight tied to another (``lm_head`` to the embeddings) may be absent when its twin
+    is there, as ``save_pretrained`` writes it. The streaming merge copies the files it finds: without
+    this a shard lost or truncated before the merge would give a merged model missing those weights.
+
+    Examples:
+        >>> import transformers
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> transformers.LlamaForCausalLM(config).save_pretrained("base")
+        >>> check_base_complete("base", ["model.embed_tokens.weight"])
+        Traceback (most recent call last):
+        higgs_trainer.errors.CheckpointError: the weights in base lack 9 weight(s) of LlamaForCausalLM: 'lm_head.weight', 'model.layers.0.input_layernorm.weight', 'model.layers.0.mlp.down_proj.weight' and 6 more; the base is incomplete (a shard missing or truncated?): not merging into missing weights
+    """
+    model = empty_base_model(base_dir)
+    names_of: dict[int, list[str]] = {}  # one entry per distinct tensor: tied weights share one
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    stored = set(stored)
+    missing = sorted(name for names in names_of.values() if not stored & set(names) for name in names)
+    if missing:
+        raise CheckpointError(_incomplete_base(base_dir, type(model).__name__, missing))
+
+
+def _incomplete_base(base_dir: str | os.PathLike, model_class: str, missing: list[str]) -> str:
+    return (
+        f"the weights in {base_dir} lack {len(missing)} weight(s) of {model_class}: {listed(missing)}; "
+        "the base is incomplete (a shard missing or truncated?): not merging into missing weights"
+    )
 
 
 def _meta_tensor_names(model: torch.nn.Module) -> list[str]:
@@ -337,6 +370,8 @@ def merge_adapter(
     compare: bool = False,
     overwrite: bool = False,
     allow_untrained: bool = False,
+    streaming: bool | None = None,
+    max_shard_size: int | str | None = None,
 ) -> MergeResult:
     """Merge the LoRA adapter at ``adapter`` into the model at ``base`` and save the merged model at ``output``.
 
@@ -344,6 +379,11 @@ def merge_adapter(
     was saved in. With ``compare``, the logits of base, adapter and merged model on a probe input
     are compared and recorded in ``merge_info.json``. An adapter that never trained (every ``lora_B`` still
     at peft's zero init, `untrained.untrained_problem`) is refused unless ``allow_untrained``.
+
+    A safetensors base is merged tensor by tensor without building the model
+    (`streaming_merge.stream_merge`, sharded at ``max_shard_size``) unless ``streaming=False``;
+    a ``pytorch_model.bin`` base, or ``streaming=False``, loads the model and merges with peft's
+    ``merge_and_unload`` in memory.
 
     Raises:
         UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
@@ -377,7 +417,7 @@ def merge_adapter(
 
     verify_adapter(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
-    untrained = untrained_problem(read_adapter_config(adapter_dir), tensors)
+    untrained = untrained_problem(read_adapter_config(adapter_dir), tensors)  # both paths refuse it
     if untrained is not None:
         if not allow_untrained:
             raise AdapterVerificationError(
@@ -385,6 +425,15 @@ def merge_adapter(
                 "(allow_untrained=True) to merge it anyway."
             )
         logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
+    files = safetensors_weight_files(base_dir) if streaming is not False else None
+    if files is not None:
+        check_base_complete(base_dir, read_base_tensors(base_dir, files))
+        return stream_merge(
+            base_dir, adapter_dir, output, files, dtype=dtype, compare=compare, max_shard_size=max_shard_size
+        )
+    if streaming:
+        raise UsageError(f"{base_dir} has no safetensors weights, which the streaming merge reads; {IN_MEMORY}")
+    logger.info("Merging in memory (%s)", "asked for" if streaming is False else "the base has no safetensors weights")
     problems = check_adapter_modules(tensors, empty_base_model(base_dir))
     if problems:
         raise AdapterVerificationError(
@@ -436,6 +485,7 @@ def merge_adapter(
         "adapter": str(adapter_dir.resolve()),
         "model_class": model_class,
         "dtype": dtype_name,
+        "method": "in-memory",
         "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
         "merged_modules": merged_modules,
         "modules_to_save": saved,

@@ -1,8 +1,9 @@
 """Write a PEFT component's adapter atomically and verify it.
 
-The adapter is written by the component's own ``save_pretrained`` (peft strips the wrapper
-prefix and the ``.default`` adapter name and handles shared tensors) into a staging
-directory beside the target (``atomic.staged_directory``), verified against the shapes the
+The adapter is written as the component's own ``save_pretrained`` writes it (peft's
+``get_peft_model_state_dict`` strips the wrapper prefix and the ``.default`` adapter name;
+shared tensors get their own storage; peft's config machinery writes the config), without
+its model card, into a staging directory beside the target (``atomic.staged_directory``), verified against the shapes the
 live model says it must have, and only then renamed into place.
 """
 
@@ -17,12 +18,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from .atomic import staged_directory
 from .discovery import LoraComponent
 from .errors import AdapterSaveError, AdapterVerificationError
 from .gathering import has_fsdp1_units
-from .names import ADAPTER_DIRNAME
+from .names import ADAPTER_DIRNAME, SAFETENSORS_NAME
 from .verification import human_size, verify_adapter
 
 logger = logging.getLogger(__name__)
@@ -69,14 +71,49 @@ def expected_adapter_shapes(
         >>> expected_adapter_shapes(get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])))
         {'base_model.model.q_proj.lora_A.weight': (2, 8), 'base_model.model.q_proj.lora_B.weight': (8, 2)}
     """
+    adapter_state = _adapter_state(peft_model, adapter_name, save_embedding_layers, gathered)
+    return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
+
+
+def _adapter_state(
+    peft_model: PeftModel, adapter_name: str, save_embedding_layers: bool, gathered: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict (``get_peft_model_state_dict``) of the live model, or of ``gathered`` inside FSDP1 units."""
     if gathered is not None and has_fsdp1_units(peft_model):
         live = gathered
     else:
         live = peft_model.state_dict(keep_vars=True)
-    adapter_state = get_peft_model_state_dict(
+    return get_peft_model_state_dict(
         peft_model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
     )
-    return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
+
+
+def _save_adapter_files(
+    peft_model: PeftModel, adapter_name: str, state: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """What ``PeftModel.save_pretrained`` writes for one adapter (peft 0.16 to 0.21), from a state dict already built.
+
+    Written here rather than by ``save_pretrained`` because that one renders a model card (README.md)
+    with a freshly compiled jinja template on every call and builds the state dict again: about half
+    of a checkpoint's adapter save. The files are peft's own: its state dict, its safetensors layout
+    (shared tensors cloned, contiguous, ``{"format": "pt"}``) and its config, saved by
+    ``PeftConfig.save_pretrained`` with the same ``inference_mode`` and ``auto_mapping`` it sets.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in clone_shared_tensors(state).items()}
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    config = peft_model.peft_config[adapter_name]
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = peft_model.base_model.model.__dict__.get("name_or_path", None) or None
+    auto_mapping = None
+    if config.task_type is None:
+        base_class = type(peft_model.base_model.model)
+        auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+    inference_mode, config.inference_mode = config.inference_mode, True
+    try:
+        config.save_pretrained(str(directory), auto_mapping_dict=auto_mapping)
+    finally:
+        config.inference_mode = inference_mode
 
 
 def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,17 +181,29 @@ def write_lora_adapters(
                 f"({len(state_dict)} keys in all); refusing to write an empty adapter to {target}. "
                 "Under DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true."
             )
-    expected = {
-        name: expected_adapter_shapes(peft_model, name, save_embedding_layers, gathered=component_state)
+    # The expected shapes come from the live model; what is written from the state dict passed, if any, else from
+    # the same live adapter state (built once).
+    live = {
+        name: _adapter_state(peft_model, name, save_embedding_layers, component_state)
         for name in peft_model.peft_config
     }
+    expected = {
+        name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
+        for name, state in live.items()
+    }
+    states = live
+    if component_state is not None:
+        states = {
+            name: get_peft_model_state_dict(
+                peft_model, state_dict=component_state, adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
+            for name in peft_model.peft_config
+        }
     try:
         with staged_directory(target) as staging:
-            extra = {} if component_state is None else {"state_dict": component_state}
             try:
-                peft_model.save_pretrained(
-                    str(staging), save_embedding_layers=save_embedding_layers, is_main_process=True, **extra
-                )
+                for name, state in states.items():
+                    _save_adapter_files(peft_model, name, state, staging if name == "default" else staging / name)
             except Exception as exc:
                 raise AdapterSaveError(
                     f"writing the LoRA adapter of {component.display_path!r} to {target} failed: {exc} "

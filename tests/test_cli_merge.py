@@ -75,13 +75,15 @@ def adapter_logits(base_dtype, adapter_dir):
     return logits_of(PeftModel.from_pretrained(tiny_base_model().to(base_dtype), str(adapter_dir)), probe_batch())
 
 
-def test_merged_model_reloads_and_gives_the_adapters_logits(bases, adapter_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["streaming", "in-memory"])
+def test_merged_model_reloads_and_gives_the_adapters_logits(bases, adapter_dir, tmp_path, capsys, method):
     base_cls = type(tiny_base_model())
+    option = ["--in-memory"] if method == "in-memory" else []
     code, out, err = run_cli(
-        capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "m"
+        capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "m", *option
     )
     assert code == 0, err
-    assert f"({base_cls.__name__}, float32)" in out and "4 LoRA modules" in out
+    assert f"({base_cls.__name__}, float32)" in out and "4 LoRA modules" in out and f"({method})" in out
 
     merged = base_cls.from_pretrained(str(tmp_path / "m"), local_files_only=True)
     expected = adapter_logits(torch.float32, adapter_dir)
@@ -254,10 +256,15 @@ def test_higgs_base_without_boson_multimodal_says_so(bases, adapter_dir, tmp_pat
     monkeypatch.setitem(sys.modules, "boson_multimodal", None)  # import boson_multimodal -> ImportError
     monkeypatch.setitem(sys.modules, "boson_multimodal.model.higgs_audio", None)
     code, _, err = run_cli(
-        capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "m"
+        capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "m", "--in-memory"
     )
     assert code == 1
     assert_one_line_error(err, "boson_multimodal cannot be imported")
+    # The streaming merge reads config.json and the tensors only: it needs no boson_multimodal.
+    code, _, err = run_cli(
+        capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "s"
+    )
+    assert code == 0, err
 
 
 @pytest.mark.skipif(HIGGS_STACK, reason="boson_multimodal is installed on the Higgs stack")
@@ -265,7 +272,9 @@ def test_higgs_config_without_boson_multimodal_says_so(bases, adapter_dir, tmp_p
     base = pathlib.Path(shutil.copytree(bases[torch.float32], tmp_path / "base"))
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "model_type": "higgs_audio"}))
-    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter_dir, "-o", tmp_path / "m")
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base, "--adapter", adapter_dir, "-o", tmp_path / "m", "--in-memory"
+    )
     assert code == 1
     assert_one_line_error(err, "is a higgs_audio model, which loads only through boson_multimodal")
 

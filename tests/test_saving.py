@@ -20,6 +20,7 @@ from higgs_trainer import (
     SavedAdapter,
     find_lora_model,
     save_lora_adapters,
+    saving,
     verify_adapter,
 )
 from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
@@ -122,14 +123,15 @@ def saved_once(tmp_path):
     return component, out, before
 
 
-def break_save_pretrained(monkeypatch, peft_model, damage):
-    real = peft_model.save_pretrained
+def break_adapter_write(monkeypatch, damage):
+    """Damage the adapter's weights file as it is written (saving writes it with safetensors' save_file)."""
+    real = saving.save_file
 
-    def save_pretrained(save_directory, **kwargs):
-        real(save_directory, **kwargs)
-        damage(Path(save_directory) / "adapter_model.safetensors")
+    def save_file(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        damage(Path(filename))
 
-    monkeypatch.setattr(peft_model, "save_pretrained", save_pretrained, raising=False)
+    monkeypatch.setattr(saving, "save_file", save_file)
 
 
 def disk_full(path: Path) -> None:
@@ -159,7 +161,7 @@ def garbage(path: Path) -> None:
 )
 def test_a_failed_save_leaves_the_previous_adapter_byte_identical(monkeypatch, saved_once, damage, error, text):
     component, out, before = saved_once
-    break_save_pretrained(monkeypatch, component.model, damage)
+    break_adapter_write(monkeypatch, damage)
     with pytest.raises(error, match=text) as info:
         write_lora_adapters(component, out)
     assert "intact" in str(info.value)

@@ -1,0 +1,867 @@
+"""Merge a LoRA adapter into a safetensors base one tensor at a time (the default of ``higgs-trainer merge``).
+
+The base model is never built: its ``config.json`` is copied (with the dtype recorded) and its
+weights are read tensor by tensor from ``model.safetensors`` (or the shards an index names). A
+weight with a LoRA pair gets peft's delta added, a ``modules_to_save`` weight (or an embedding
+peft saved beside its LoRA) is replaced by the adapter's, and every other tensor's bytes are
+copied unchanged. Memory follows the largest tensor, not the model; time follows the disk.
+
+The arithmetic is peft's ``merge_and_unload`` after ``PeftModel.from_pretrained`` (peft 0.16 and
+0.21): the adapter weights are held in float32 (``autocast_adapter_dtype``), a linear layer's
+delta ``transpose(B @ A, fan_in_fan_out) * scaling`` is computed in float32 and added in place to
+the weight (``weight += delta``: the sum rounded once to the weight's dtype), an embedding's delta
+is cast to the weight's dtype first (``weight += delta.to(dtype)``), and ``lora_bias`` adds
+``bias_B * scaling``. ``scaling`` is ``lora_alpha / r`` (``/ sqrt(r)`` for rsLoRA) with ``r`` and
+``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` through peft's own ``get_pattern_key``.
+Options whose merge this module does not reproduce exactly (DoRA, other LoRA variants, weight
+initialisations that change the base, trainable tokens, ...) are refused with an error naming the
+in-memory merge, which goes through peft itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import inspect
+import json
+import logging
+import math
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from peft.utils.other import get_pattern_key
+from transformers.utils.hub import convert_file_size_to_int
+
+from .atomic import staged_directory
+from .checkpoint import progress_bar
+from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, first_line, listed
+from .names import PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS
+
+logger = logging.getLogger(__name__)
+
+IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"
+# safetensors' dtype names and the torch dtypes they stand for.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES_OF_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on a header's size
+_COPY_CHUNK = 64 * 2**20
+AUDIO_PROBE_FRAMES = 6
+_IN_FLIGHT = 2  # computed tensors waiting for the writer thread, at most
+# LoRA config fields that change nothing this module computes (or that it reads itself), and their defaults
+# need not be checked; every other field must be unset (falsy) for the streaming merge to accept the adapter.
+_HANDLED_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern", "runtime_config", "lora_bias", "megatron_core", "qalora_group_size",
+    # configs of initialisations, used only with their init_lora_weights (refused below)
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",
+}  # fmt: skip
+# Initialisations that leave the base weights alone (the others, e.g. PiSSA, OLoRA, LoftQ, CorDA, change them).
+_PLAIN_INITS = (True, False, "gaussian")
+
+
+# the base's weights
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file: where its bytes are (absolute offsets) and what they hold.
+
+    Examples:
+        >>> t = StoredTensor("lm_head.weight", Path("model.safetensors"), "BF16", (8, 4), 128, 192)
+        >>> t.num_bytes, t.torch_dtype
+        (64, torch.bfloat16)
+    """
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def safetensors_weight_files(base_dir: Path) -> list[Path] | None:
+    """The safetensors files of a model directory (``model.safetensors`` or an index's shards); None when it has none.
+
+    Examples:
+        >>> safetensors_weight_files(Path("/"))  # no model here
+    """
+    index = base_dir / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map[key] for key in weight_map))  # first-seen order
+            if not all(isinstance(n, str) and n and "/" not in n for n in names):
+                raise ValueError("weight_map values must be file names in the model directory")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
+        missing = [n for n in names if not (base_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are missing: {listed(missing)}")
+        return [base_dir / n for n in sorted(names)]
+    if (base_dir / SAFE_WEIGHTS).is_file():
+        return [base_dir / SAFE_WEIGHTS]
+    return None
+
+
+def read_safetensors_header(file: Path) -> list[StoredTensor]:
+    """The tensors of one safetensors file in the order of their bytes, checked against the file's size.
+
+    Read by hand (8-byte length, JSON header): ``safe_open`` does not tell where a tensor's bytes
+    are, and the merge copies unchanged tensors byte for byte without loading them.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > min(_HEADER_LIMIT, size - 8):
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(handle.read(length))
+        start = 8 + length
+        tensors = []
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (start + int(offset) for offset in entry["data_offsets"])
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which this merge does not handle")
+            shape = tuple(int(d) for d in entry["shape"])
+            if end > size or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
+                raise ValueError(f"tensor {name!r} lies beyond the end of the file")
+            tensors.append(StoredTensor(name, file, entry["dtype"], shape, begin, end))
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"cannot load the base model from {file.parent}: {file.name} is truncated or corrupt ({first_line(exc)})"
+        ) from exc
+    return sorted(tensors, key=lambda t: t.begin)
+
+
+def read_base_tensors(base_dir: Path, files: Iterable[Path]) -> dict[str, StoredTensor]:
+    """Every tensor of the base's safetensors files, by name, in file and byte order."""
+    tensors: dict[str, StoredTensor] = {}
+    for file in files:
+        for tensor in read_safetensors_header(file):
+            if tensor.name in tensors:
+                raise CheckpointError(f"tensor {tensor.name!r} is stored twice in {base_dir}")
+            tensors[tensor.name] = tensor
+    index = base_dir / SAFE_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file.name != f]
+        if wrong:
+            raise CheckpointError(f"{index} maps {len(wrong)} tensor(s) to shards that lack them: {listed(wrong)}")
+    return tensors
+
+
+def read_tensor(tensor: StoredTensor) -> torch.Tensor:
+    """The tensor's values, read with ``pread`` into memory of its own.
+
+    Not ``safe_open(...).get_tensor``: that maps the file, and the pages of every tensor read stay
+    in the process's resident memory while the file is open, so memory would grow with the model.
+    """
+    buffer = bytearray(tensor.num_bytes)
+    view = memoryview(buffer)
+    with open(tensor.file, "rb", buffering=0) as handle:
+        done = 0
+        while done < tensor.num_bytes:
+            count = os.preadv(handle.fileno(), [view[done:]], tensor.begin + done)
+            if count <= 0:
+                raise CheckpointError(f"{tensor.file} ended inside tensor {tensor.name!r} (truncated?)")
+            done += count
+    if not buffer:
+        return torch.empty(tensor.shape, dtype=tensor.torch_dtype)
+    return torch.frombuffer(buffer, dtype=tensor.torch_dtype).reshape(tensor.shape)
+
+
+# the adapter
+
+
+@dataclass
+class LoraDelta:
+    """One LoRA pair and how peft merges it into the weight ``target``."""
+
+    target: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    bias: torch.Tensor | None = None
+    bias_target: str | None = None
+
+    def delta(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``transpose(B @ A, fan_in_fan_out) * scaling`` in float32, as peft's ``get_delta_weight`` (into ``out``)."""
+        product = self.b @ self.a if out is None else torch.mm(self.b, self.a, out=out)
+        if self.embedding or self.fan_in_fan_out:
+            product = product.T
+        return product.mul_(self.scaling)  # in place: the same products as `* scaling`, without a second copy
+
+
+@dataclass
+class MergePlan:
+    """What happens to which base tensor: ``replace`` (adapter's tensor, then any delta), ``deltas``, ``bias``."""
+
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, LoraDelta] = field(default_factory=dict)
+    bias: dict[str, LoraDelta] = field(default_factory=dict)
+
+    @property
+    def touched(self) -> set[str]:
+        return set(self.replace) | set(self.deltas) | set(self.bias)
+
+
+def check_streamable_config(config: Mapping, adapter_dir: Path) -> None:
+    """Refuse (`MergeError`) an adapter config whose merge the streaming path does not reproduce exactly."""
+    refused = []
+    if config.get("use_dora"):
+        refused.append("DoRA (use_dora)")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        refused.append(f"init_lora_weights={init!r}")
+    for name, value in config.items():
+        if name not in _HANDLED_FIELDS and name != "use_dora" and value not in (None, False, 0, "", [], {}):
+            refused.append(name)
+    if refused:
+        raise MergeError(
+            f"the streaming merge does not reproduce the adapter at {adapter_dir}'s {', '.join(refused)} exactly; "
+            + IN_MEMORY
+        )
+
+
+def _split_lora_key(key: str) -> tuple[str, str, str] | None:
+    """``base_model.model.<module>.<lora part>[.<param>]`` -> (module, part, param); None for other keys."""
+    for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+        marker = f".{part}"
+        if marker + "." in key or key.endswith(marker):
+            module, _, rest = key.partition(marker)
+            return module[len(PEFT_KEY_PREFIX) :], part, rest.lstrip(".")
+    return None
+
+
+def _orientation(module: str, weight: StoredTensor, out_in: tuple[int, int]) -> bool | None:
+    """Whether peft merges ``module`` transposed (a GPT-2 ``Conv1D``): from the shapes; None if only the config can say.
+
+    peft decides by the layer's type (``Conv1D`` always ``fan_in_fan_out=True``, ``nn.Linear`` always
+    False, whatever the config said); without the model the shapes tell, except for a square weight.
+    """
+    if weight.shape == out_in and weight.shape[::-1] != out_in:
+        return False
+    if weight.shape == out_in[::-1] and weight.shape != out_in:
+        return True
+    if weight.shape == out_in:
+        return None
+    raise AdapterVerificationError(
+        f"the LoRA pair of {module!r} makes a {out_in} delta, which does not fit its weight {weight.shape} in the base"
+    )
+
+
+def plan_merge(
+    config: Mapping, tensors: Mapping[str, torch.Tensor], stored: Mapping[str, StoredTensor], adapter_dir: Path
+) -> MergePlan:
+    """Match every adapter tensor to the base tensor it changes, and say how; refuse what cannot be matched.
+
+    Examples:
+        >>> plan = plan_merge(config, read_adapter_tensors(adapter), read_base_tensors(base, files), adapter)  # doctest: +SKIP
+        >>> sorted(plan.deltas)[0]  # doctest: +SKIP
+        'layers.0.self_attn.q_proj.weight'
+    """
+    check_streamable_config(config, adapter_dir)
+    plan = MergePlan()
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched, unsupported = [], []
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_KEY_PREFIX):
+            unmatched.append(key)
+            continue
+        split = _split_lora_key(key)
+        if split is None:  # modules_to_save, saved embedding layers (<module>.base_layer.weight), bias="all"
+            target = key[len(PEFT_KEY_PREFIX) :].replace(".base_layer.", ".")
+            if target not in stored:
+                unmatched.append(key)
+            elif tuple(value.shape) != stored[target].shape:
+                raise AdapterVerificationError(
+                    f"adapter tensor {key!r} has shape {tuple(value.shape)}, the base's {target!r} {stored[target].shape}"
+                )
+            else:
+                plan.replace[target] = value
+            continue
+        module, part, param = split
+        embedding = part.startswith("lora_embedding")
+        allowed = ("",) if embedding else ("weight", "bias") if part == "lora_B" else ("weight",)
+        if part == "lora_magnitude_vector" or param not in allowed:
+            unsupported.append(key)
+            continue
+        pairs.setdefault(module, {})[part if param in ("", "weight") else f"{part}.{param}"] = value
+    if unmatched:
+        raise AdapterVerificationError(
+            f"{len(unmatched)} tensor(s) of the adapter at {adapter_dir} match no tensor of the base model "
+            f"(a merge would drop them): {listed(unmatched)}"
+        )
+    if unsupported:
+        raise MergeError(f"the streaming merge does not handle adapter tensor(s) {listed(unsupported)}; " + IN_MEMORY)
+
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    configured_fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    absent = [module for module in pairs if f"{module}.weight" not in stored]
+    if absent:
+        raise AdapterVerificationError(
+            f"the adapter at {adapter_dir} does not fit the base model: {len(absent)} LoRA module(s) are not in the "
+            f"base model (no weight of that name in its safetensors): {listed(absent)}"
+        )
+    ambiguous, contradicting = [], []
+    for module, parts in pairs.items():
+        embedding = "lora_embedding_A" in parts
+        a = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
+            raise MergeError(
+                f"the streaming merge handles 2-D LoRA pairs of linear and embedding layers; {module!r} is not one; "
+                + IN_MEMORY
+            )
+        target = f"{module}.weight"
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r"))
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha"))
+        if not isinstance(r, int) or r <= 0 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterVerificationError(
+                f"the LoRA pair of {module!r} has rank {a.shape[0]}, the adapter config says r={r}"
+            )
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        # peft holds the adapter weights in float32 (PeftModel.from_pretrained's autocast_adapter_dtype upcasts
+        # fp16/bf16 ones; its state-dict load copies the file's values into them).
+        delta = LoraDelta(target, a.to(torch.float32), b.to(torch.float32), scaling, embedding=embedding)
+        out_in = (int(b.shape[0]), int(a.shape[1]))
+        if embedding:
+            if stored[target].shape != out_in[::-1]:
+                raise AdapterVerificationError(
+                    f"the embedding LoRA of {module!r} makes a {out_in[::-1]} delta, its weight is {stored[target].shape}"
+                )
+        else:
+            transposed = _orientation(module, stored[target], out_in)
+            if transposed is None:
+                ambiguous.append(delta)
+            else:
+                delta.fan_in_fan_out = transposed
+                if transposed != configured_fan_in_fan_out:
+                    contradicting.append(module)
+        bias = parts.get("lora_B.bias")
+        if bias is not None:
+            bias_target = f"{module}.bias"
+            if bias_target not in stored:
+                raise MergeError(
+                    f"the adapter at {adapter_dir} has lora_bias for {module!r}, whose layer has no bias in the base"
+                )
+            delta.bias, delta.bias_target = bias.to(torch.float32), bias_target
+            plan.bias[bias_target] = delta
+        plan.deltas[target] = delta
+    if ambiguous and contradicting:
+        raise MergeError(
+            f"the adapter's fan_in_fan_out={configured_fan_in_fan_out} does not hold for {listed(contradicting)}, so "
+            f"the layout of the square weight(s) {listed(d.target for d in ambiguous)} is unknown without the model; "
+            + IN_MEMORY
+        )
+    for delta in ambiguous:
+        delta.fan_in_fan_out = configured_fan_in_fan_out
+    return plan
+
+
+class Scratch:
+    """Two reusable float32 buffers, grown to the largest merged weight: fresh multi-MB tensors cost page faults."""
+
+    def __init__(self) -> None:
+        self._buffers = [torch.empty(0), torch.empty(0)]
+
+    def get(self, which: int, shape: tuple[int, ...]) -> torch.Tensor:
+        size = math.prod(shape)
+        if self._buffers[which].numel() < size:
+            self._buffers[which] = torch.empty(size)
+        return self._buffers[which][:size].view(shape)
+
+
+def add_float32(weight: torch.Tensor, delta: torch.Tensor, scratch: Scratch | None = None) -> None:
+    """``weight += delta`` for a float32 ``delta``: peft's in-place add, the same bits, three times faster on CPU.
+
+    torch computes a bf16/fp16 ``weight += fp32`` in float32 and rounds the sum to the weight's
+    dtype (round to nearest even), element by element in a slow mixed-dtype loop. The same sum
+    is computed here in vectorised steps: the weight widened to float32 (exact), ``+ delta``, and
+    the result rounded back by ``copy_`` (also round to nearest even).
+    """
+    if weight.dtype == torch.float32:
+        weight += delta
+        return
+    wide = scratch.get(1, tuple(weight.shape)) if scratch is not None else torch.empty(weight.shape)
+    wide.copy_(weight)
+    wide += delta
+    weight.copy_(wide)
+
+
+def merged_tensor(
+    name: str, stored: StoredTensor, plan: MergePlan, dtype: torch.dtype | None, scratch: Scratch | None = None
+) -> torch.Tensor:
+    """The merged value of base tensor ``name``, computed as peft's merge computes it."""
+    tensor = read_tensor(stored)
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if name in plan.replace:  # the module's weight loaded from the adapter file (copy_ casts to the weight's dtype)
+        tensor = tensor.copy_(plan.replace[name])
+    delta = plan.deltas.get(name)
+    if delta is not None:
+        with torch.no_grad():
+            if delta.embedding:  # peft's Embedding.merge: weight += delta.to(weight dtype)
+                tensor += delta.delta().to(tensor.dtype)
+            else:  # peft's Linear.merge: weight += delta (float32; rounded once into the weight's dtype)
+                out = scratch.get(0, (delta.b.shape[0], delta.a.shape[1])) if scratch is not None else None
+                add_float32(tensor, delta.delta(out), scratch)
+    bias = plan.bias.get(name)
+    if bias is not None:
+        with torch.no_grad():
+            tensor += bias.bias * bias.scaling
+    if (name in plan.deltas or name in plan.bias) and not _is_finite(tensor):
+        raise MergeError(f"the merged {name!r} holds NaN or inf (adapter too large for the dtype?)")
+    return tensor
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: its min and max (which propagate NaN) are finite; a single fast pass."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+# writing
+
+
+def default_max_shard_size() -> str | int:
+    """The ``max_shard_size`` default of the installed transformers' ``save_pretrained`` ("5GB" in 4.46, "50GB" in 5.x)."""
+    return inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+
+
+def shard_plan(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Tensor names grouped into shards of at most ``max_shard_size`` bytes, in order (a larger tensor alone).
+
+    Examples:
+        >>> shard_plan({"a": 4, "b": 4, "c": 9, "d": 1}, 8)
+        [['a', 'b'], ['c'], ['d']]
+    """
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return [s for s in shards if s] or [[]]
+
+
+def _header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """A safetensors header (length + JSON, padded to 8 bytes) for (name, dtype, shape, bytes) in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _copy_bytes(source: StoredTensor, out) -> None:
+    """Append the tensor's bytes to ``out`` without holding them: ``copy_file_range``, else chunked ``pread``."""
+    with open(source.file, "rb", buffering=0) as handle:
+        position, left = source.begin, source.num_bytes
+        while left:
+            try:
+                count = os.copy_file_range(handle.fileno(), out.fileno(), min(left, _COPY_CHUNK), position)
+            except (AttributeError, OSError):  # no copy_file_range here (another OS, or across file systems)
+                data = os.pread(handle.fileno(), min(left, _COPY_CHUNK), position)
+                count = os.write(out.fileno(), data) if data else 0
+            if count <= 0:
+                raise CheckpointError(f"{source.file} ended inside tensor {source.name!r} (truncated?)")
+            position += count
+            left -= count
+
+
+@contextlib.contextmanager
+def _one_compute_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one while merging, restored after.
+
+    The arithmetic is a few memory-bound passes per weight and rank-r products, and the writer
+    thread needs a core for the I/O; OpenMP workers spinning on a busy machine made the merge three
+    times slower (2.1 s vs 6.7 s on 2 shared cores, ``benchmarks/README.md``). The results do not
+    depend on it: elementwise kernels and the products' per-element sums are the same either way
+    (the tests compare with peft's merge running on all threads).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_all(out, data: memoryview) -> None:
+    while data:
+        data = data[os.write(out.fileno(), data) :]
+
+
+def _write_tensor(out, tensor: torch.Tensor) -> None:
+    _write_all(out, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _prefetch(tensor: StoredTensor) -> None:
+    """Ask the kernel to start reading ``tensor``'s bytes now, while the one before it is computed."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(tensor.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, tensor.begin, tensor.num_bytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def write_merged_weights(
+    stored: Mapping[str, StoredTensor],
+    plan: MergePlan,
+    directory: Path,
+    dtype: torch.dtype | None,
+    max_shard_size: int,
+) -> int:
+    """Write the merged tensors into ``directory`` as transformers shards them; return the bytes of tensor data.
+
+    Each file's header is written first (every tensor's shape and dtype are known from the base),
+    then each tensor's bytes in turn, so only the few tensors being computed or written are in
+    memory: safetensors' ``save_file`` needs every tensor of a file in memory at once.
+    """
+
+    def out_dtype(t: StoredTensor) -> str:
+        if dtype is not None and t.torch_dtype.is_floating_point:
+            return _NAMES_OF_DTYPES[dtype]
+        return t.dtype
+
+    sizes = {name: t.numel * SAFETENSORS_DTYPES[out_dtype(t)].itemsize for name, t in stored.items()}
+    shards = shard_plan(sizes, max_shard_size)
+    computed = [n for n, t in stored.items() if n in plan.touched or out_dtype(t) != t.dtype]
+    upcoming = dict(zip(computed[:-1], computed[1:], strict=True))
+    weight_map, total = {}, 0
+    scratch = Scratch()
+    with progress_bar(len(stored), "merging") as bar, _one_compute_thread():
+        for number, names in enumerate(shards, 1):
+            file = SAFE_WEIGHTS if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            entries = [(n, out_dtype(stored[n]), stored[n].shape, sizes[n]) for n in names]
+            # One writer thread appends to the file in order while this thread computes the next tensor, so
+            # reading, computing and writing overlap; at most _IN_FLIGHT written tensors wait in memory.
+            with open(directory / file, "wb", buffering=0) as out, ThreadPoolExecutor(1) as writer:
+                _write_all(out, memoryview(_header_bytes(entries)))
+                pending: deque[Future] = deque()
+                for name in names:
+                    source = stored[name]
+                    if name in upcoming:
+                        _prefetch(stored[upcoming[name]])
+                    if name in computed:
+                        tensor = merged_tensor(name, source, plan, dtype, scratch).contiguous()
+                        pending.append(writer.submit(_write_tensor, out, tensor))
+                        del tensor
+                    else:
+                        pending.append(writer.submit(_copy_bytes, source, out))
+                    while pending and (len(pending) > _IN_FLIGHT or pending[0].done()):
+                        pending.popleft().result()
+                        bar.update(1)
+                    weight_map[name] = file
+                    total += sizes[name]
+                while pending:
+                    pending.popleft().result()
+                    bar.update(1)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def _dtype_of(stored: Mapping[str, StoredTensor], dtype: torch.dtype | None) -> torch.dtype | None:
+    """The output's dtype: ``dtype``, else the floating dtype holding most of the base's parameters."""
+    if dtype is not None:
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for t in stored.values():
+        if t.torch_dtype.is_floating_point:
+            counts[t.torch_dtype] = counts.get(t.torch_dtype, 0) + t.numel
+    return max(counts, key=counts.get) if counts else None
+
+
+def write_config(base_dir: Path, directory: Path, dtype_name: str) -> dict:
+    """The base's ``config.json`` with the merged weights' dtype recorded (``torch_dtype``, and ``dtype`` if present)."""
+    path = base_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    config["torch_dtype"] = dtype_name  # read by transformers 4.x and, as an alias of dtype, by 5.x
+    if "dtype" in config:
+        config["dtype"] = dtype_name
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def model_class_name(config: Mapping) -> str:
+    """The class the config names (``architectures[0]``), else its ``model_type``."""
+    architectures = config.get("architectures") or []
+    return str(architectures[0]) if architectures else str(config.get("model_type", "unknown"))
+
+
+# comparing outputs
+
+
+def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict:
+    """Logits of the base, the base with the adapter and the merged model (loaded from ``merged_dir``) on a probe.
+
+    Loads the models in memory, one after another (only ``--compare`` does); the merged one through
+    `merging.load_base_model`, which refuses weights that leave any parameter uninitialised.
+    """
+    from peft import PeftModel
+
+    from .merging import _difference, _logits, load_base_model, probe_inputs
+
+    model = load_base_model(base_dir)
+    probe = probe_inputs(model.config)
+    audio_probe = audio_probe_inputs(model)
+    logits, audio = {"base": _logits(model, probe)}, {}
+    if audio_probe is not None:
+        audio["base"] = _audio_logits(model, audio_probe)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise AdapterVerificationError(f"the adapter at {adapter_dir} does not load: {first_line(exc)}") from exc
+    logits["adapter"] = _logits(peft_model, probe)
+    if audio_probe is not None:
+        audio["adapter"] = _audio_logits(peft_model, audio_probe)
+    del model, peft_model
+    merged = load_base_model(merged_dir)
+    logits["merged"] = _logits(merged, probe)
+    comparison = {
+        "probe_tokens": probe["input_ids"].shape[1],
+        "base_vs_merged": _difference(logits["base"], logits["merged"]),
+        "adapter_vs_merged": _difference(logits["adapter"], logits["merged"]),
+    }
+    if audio_probe is not None:
+        audio["merged"] = _audio_logits(merged, audio_probe)
+        comparison["audio_probe_frames"] = AUDIO_PROBE_FRAMES
+        comparison["audio_base_vs_merged"] = _difference(audio["base"], audio["merged"])
+        comparison["audio_adapter_vs_merged"] = _difference(audio["adapter"], audio["merged"])
+    return comparison
+
+
+def audio_probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A fixed text prompt with an audio-out segment of random codes, for a Higgs model; None for other models.
+
+    boson_multimodal's ``HiggsAudioModel``: ``<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>`` in the
+    text, collated with its ``HiggsAudioSampleCollator`` (delay pattern and stream tokens as the
+    config says). transformers' ``HiggsAudioV2ForConditionalGeneration``: audio placeholder tokens with
+    ``audio_input_ids``. The model's audio logits on it are compared by `compare_outputs`.
+    """
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    ids = probe_inputs_for(config)
+    if type(model).__name__ == "HiggsAudioModel":
+        from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+        ids[5:8] = torch.tensor([config.audio_out_bos_token_id, config.audio_out_token_idx, config.audio_eos_token_id])
+        codes = torch.randint(
+            0, config.audio_codebook_size, (config.audio_num_codebooks, AUDIO_PROBE_FRAMES), generator=generator
+        )
+        sample = ChatMLDatasetSample(
+            input_ids=ids, label_ids=ids.clone(), audio_ids_concat=codes, audio_ids_start=torch.tensor([0]),
+            audio_waveforms_concat=torch.zeros(0), audio_waveforms_start=torch.zeros(0, dtype=torch.long),
+            audio_sample_rate=torch.zeros(0), audio_speaker_indices=torch.zeros(0, dtype=torch.long),
+        )  # fmt: skip
+        collator = HiggsAudioSampleCollator(
+            whisper_processor=None, encode_whisper_embed=False, audio_in_token_id=config.audio_in_token_idx,
+            audio_out_token_id=config.audio_out_token_idx, audio_stream_bos_id=config.audio_stream_bos_id,
+            audio_stream_eos_id=config.audio_stream_eos_id, pad_token_id=config.pad_token_id,
+            return_audio_in_tokens=False, use_delay_pattern=config.use_delay_pattern,
+            audio_num_codebooks=config.audio_num_codebooks, round_to=8,
+        )  # fmt: skip
+        batch = collator([sample])
+        inputs = {
+            name: getattr(batch, name)
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "audio_out_ids",
+                "audio_out_ids_start",
+                "audio_out_ids_start_group_loc",
+            )
+        }
+        if not config.skip_audio_tower:  # the Whisper tower wants a (here empty) features batch
+            frames = 2 * config.audio_encoder_config.max_source_positions
+            bins = config.audio_encoder_config.num_mel_bins
+            inputs["audio_features"] = torch.zeros((0, bins, frames), dtype=model.dtype)
+            inputs["audio_feature_attention_mask"] = torch.zeros((0, frames), dtype=torch.long)
+        return inputs
+    if type(model).__name__ == "HiggsAudioV2ForConditionalGeneration":
+        ids[4 : 4 + AUDIO_PROBE_FRAMES] = config.audio_token_id
+        codes = torch.randint(
+            0, config.codebook_size, (1, AUDIO_PROBE_FRAMES, config.num_codebooks), generator=generator
+        )
+        return {
+            "input_ids": ids[None],
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "audio_input_ids": codes,
+            "audio_input_ids_mask": torch.ones(1, AUDIO_PROBE_FRAMES, dtype=torch.bool),
+        }
+    return None
+
+
+def probe_inputs_for(config) -> torch.Tensor:
+    """The text probe's token ids (one sequence), from `merging.probe_inputs`."""
+    from .merging import probe_inputs
+
+    return probe_inputs(config)["input_ids"][0].clone()
+
+
+@torch.inference_mode()
+def _audio_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    output = model(**inputs)
+    audio = getattr(output, "audio_logits", None)
+    return (output.logits if audio is None else audio).float()
+
+
+# the merge
+
+
+def stream_merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    output: Path,
+    files: list[Path],
+    *,
+    dtype: torch.dtype | None = None,
+    compare: bool = False,
+    max_shard_size: int | str | None = None,
+):
+    """Merge the adapter at ``adapter_dir`` into the safetensors ``files`` of ``base_dir`` and write ``output``.
+
+    Called by `merging.merge_adapter` after it checked the paths and the adapter; returns its
+    `MergeResult`. ``max_shard_size`` (bytes or a size like ``"5GB"``) defaults to that of the
+    installed transformers' ``save_pretrained``.
+
+    Examples:
+        >>> merge_adapter("base", "out/lora_adapters", "merged").method  # doctest: +SKIP
+        'streaming'
+    """
+    from .merging import MergeResult, _copy_support_files, _versions
+    from .verification import human_size, read_adapter_config, read_adapter_tensors, saved_modules
+
+    start = time.perf_counter()
+    limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    stored = read_base_tensors(base_dir, files)
+    plan = plan_merge(config, tensors, stored, adapter_dir)
+    saved, _ = saved_modules(config, tensors)  # modules_to_save: their weights are among plan.replace
+    out_dtype = _dtype_of(stored, dtype)
+    dtype_name = str(out_dtype).replace("torch.", "") if out_dtype is not None else "unknown"
+    merged_modules = len(plan.deltas)
+    num_parameters = sum(t.numel for t in stored.values())
+    logger.info(
+        "Streaming merge: %d LoRA module(s), %d replaced tensor(s), %d tensors of %s in %d file(s)",
+        merged_modules,
+        len(plan.replace),
+        len(stored),
+        base_dir,
+        len(files),
+    )
+    info = {
+        "base": str(base_dir.resolve()),
+        "adapter": str(adapter_dir.resolve()),
+        "model_class": None,
+        "dtype": dtype_name,
+        "method": "streaming",
+        "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
+        "merged_modules": merged_modules,
+        "modules_to_save": saved,
+        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "compare": None,
+    }
+    try:
+        with staged_directory(output) as staging:
+            num_bytes = write_merged_weights(stored, plan, staging, dtype, limit)
+            base_config = write_config(base_dir, staging, dtype_name)
+            info["model_class"] = model_class_name(base_config)
+            copied = _copy_support_files(base_dir, staging)
+            if compare:
+                info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
+            (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    except HiggsTrainerError:
+        raise
+    except OSError as exc:
+        raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
+    result = MergeResult(
+        path=str(output),
+        base=str(base_dir),
+        adapter=str(adapter_dir),
+        model_class=info["model_class"],
+        dtype=dtype_name,
+        merged_modules=merged_modules,
+        num_parameters=num_parameters,
+        num_bytes=num_bytes,
+        copied_files=copied,
+        seconds=time.perf_counter() - start,
+        compare=info["compare"],
+        modules_to_save=saved,
+        method="streaming",
+    )
+    logger.info("Merged model written to %s (%s, streamed)", output, human_size(num_bytes))
+    return result
+
+
+__all__ = [
+    "IN_MEMORY",
+    "MergePlan",
+    "StoredTensor",
+    "check_streamable_config",
+    "compare_outputs",
+    "default_max_shard_size",
+    "plan_merge",
+    "read_base_tensors",
+    "read_safetensors_header",
+    "safetensors_weight_files",
+    "shard_plan",
+    "stream_merge",
+]
