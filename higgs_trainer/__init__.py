@@ -6,6 +6,7 @@ Examples:
     >>> trainer.train()  # every checkpoint-N gets a verified lora_adapters/  # doctest: +SKIP
 """
 
+from .convert import ConvertResult, convert_layout
 from .discovery import LoraComponent, find_lora_model
 from .errors import (
     AdapterSaveError,
@@ -31,6 +32,7 @@ __all__ = [
     "AdapterVerificationError",
     "AmbiguousLoraModelError",
     "CheckpointError",
+    "ConvertResult",
     "ExtractedAdapter",
     "HiggsLoraTrainer",
     "HiggsTrainerError",
@@ -41,6 +43,7 @@ __all__ = [
     "MergeResult",
     "SavedAdapter",
     "UsageError",
+    "convert_layout",
     "extract_adapter",
     "find_lora_model",
     "inspect_adapter",
