@@ -216,7 +216,7 @@ def _convert(args: argparse.Namespace) -> int:
         f"Converted {what} ({result.num_tensors} tensors, {result.renamed} renamed) from {result.source} to the "
         f"{result.to} layout in {result.path} in {result.seconds:.2f} s"
     )
-    for path in result.outputs if result.kind != "model" else []:
+    for path in result.outputs if result.kind == "adapters" else []:
         print(f"  {path}")
     if result.concatenated:
         print(f"  joined boson's split weights into {', '.join(result.concatenated)}")

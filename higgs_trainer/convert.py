@@ -63,7 +63,17 @@ _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<rest>lora_[A-Za-z_]+(?:\.[A-Za-z0
 
 @dataclass
 class ConvertResult:
-    """What `convert` wrote: ``kind`` is ``adapter``, ``adapters`` (a run or checkpoint) or ``model``."""
+    """What `convert_layout` wrote: ``kind`` is ``adapter``, ``adapters`` (a run or checkpoint) or ``model``.
+
+    ``renamed`` counts the tensors whose key changed, ``concatenated`` the weights joined from
+    boson's split halves, ``skipped`` the buffers left out (recomputed from the config), ``copied``
+    the tokenizer/processor files; ``verified_on_base`` is True when peft loaded the adapters onto ``base``.
+
+    Examples:
+        >>> result = convert_layout("run", "transformers", "run-hf")  # doctest: +SKIP
+        >>> result.kind, result.outputs  # doctest: +SKIP
+        ('adapters', ['run-hf/lora_adapters', 'run-hf/checkpoint-2/lora_adapters'])
+    """
 
     source: str
     path: str

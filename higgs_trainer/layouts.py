@@ -5,15 +5,13 @@ One regex table maps a weight's key from one layout to the other (after transfor
 renames adapter keys (``base_model.model.<key>``) and the module names in ``adapter_config.json``.
 The model configs convert as plain JSON dicts: nothing here imports boson_multimodal.
 
-========================================  ==================================================
-boson_multimodal (``higgs_audio``)        transformers (``higgs_audio_v2``)
-========================================  ==================================================
-``layers.N.…``, ``embed_tokens``, ``norm``  ``model.layers.N.…``, ``model.embed_tokens``, ``model.norm``
-``audio_codebook_embeddings``             ``model.embed_audio_tokens.embed_audio_tokens``
-``audio_decoder_proj.audio_lm_head``      ``audio_lm_head``
-``audio_decoder_proj.text_lm_head``       ``text_lm_head`` (built with ``use_text_head=True``)
-``audio_codebook_size`` (e.g. 1024)       ``codebook_size`` = that + 2 stream tokens (1026)
-========================================  ==================================================
+| boson_multimodal (``higgs_audio``) | transformers (``higgs_audio_v2``) |
+|---|---|
+| ``layers.N.…``, ``embed_tokens``, ``norm`` | ``model.layers.N.…``, ``model.embed_tokens``, ``model.norm`` |
+| ``audio_codebook_embeddings`` | ``model.embed_audio_tokens.embed_audio_tokens`` |
+| ``audio_decoder_proj.audio_lm_head`` | ``audio_lm_head`` |
+| ``audio_decoder_proj.text_lm_head`` | ``text_lm_head`` (built with ``use_text_head=True``) |
+| ``audio_codebook_size`` (e.g. 1024) | ``codebook_size`` = that + the 2 stream tokens (1026) |
 
 Examples:
     >>> convert_key("layers.0.self_attn.q_proj.weight", TRANSFORMERS)
