@@ -241,7 +241,7 @@ def test_save_lora_adapters_with_use_lora_false_writes_nothing(tmp_path):
 
 def test_save_lora_adapters_on_a_plain_trainer_round_trips_logits(tmp_path):
     model = make_model()
-    # no checkpoints: a plain Trainer cannot save a wrapper with tied embeddings (the newest stack's Llama)
+    # no checkpoints: only the final save is under test
     args = training_args(tmp_path / "run", max_steps=2, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens())
     trainer.train()
