@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["extract", "ckpt", "--output", "out", "--lora-alpha", "32"]).lora_alpha
         32.0
     """
-    parser = _Parser(prog=PROG, description="Verify, rescue, merge and convert LoRA adapters of Higgs Audio (or any PEFT) runs.")
+    parser = _Parser(
+        prog=PROG, description="Verify, rescue, merge and convert LoRA adapters of Higgs Audio (or any PEFT) runs."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO) on stderr")

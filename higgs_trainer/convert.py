@@ -39,7 +39,7 @@ from .atomic import staged_directory
 from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
-from .names import CONFIG_NAME, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
+from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
 from .verification import (
     adapter_dirs_of,
     holds_adapter_files,
@@ -119,6 +119,8 @@ def convert_layout(
     result = ConvertResult(source=str(source), path=str(output), to=to, kind="", outputs=[], num_tensors=0, renamed=0)
     with staged_directory(output) as staging:
         if _is_model_dir(source):
+            if base is not None:
+                raise UsageError("--base checks converted adapters; converting a model needs none (leave it out)")
             result.kind = "model"
             _convert_model(source, staging, to, result)
             result.outputs = [str(output)]
@@ -139,7 +141,10 @@ def convert_layout(
 
 
 def _is_model_dir(directory: Path) -> bool:
+    """A full model: config.json and model weights (a run or checkpoint directory has neither at its root)."""
     if holds_adapter_files(directory) or not (directory / "config.json").is_file():
+        return False
+    if not any((directory / name).is_file() for name in FULL_WEIGHT_FILES):
         return False
     config = read_json_object(directory / "config.json", CheckpointError)
     if config.get("model_type") not in layouts.MODEL_TYPES.values():
@@ -500,6 +505,12 @@ def _convert_model(source: Path, target: Path, to: str, result: ConvertResult) -
     (target / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
     result.copied += _copy_support_files(source, target)
     _check_written(target, new_config, to)
+    if to == BOSON and not any(key.endswith("text_lm_head.weight") for key in weight_map):
+        logger.warning(
+            "%s has no text_lm_head (saved without use_text_head=True): HiggsAudioModel will start its text head "
+            "from random weights (audio generation does not use it)",
+            source,
+        )
 
 
 def _check_written(target: Path, config: dict, to: str) -> None:

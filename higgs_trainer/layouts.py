@@ -236,7 +236,8 @@ def convert_target_regex(pattern: str, to: str) -> str:
     fixed = [(b, t) if to == TRANSFORMERS else (t, b) for b, t in _FIXED_MODULES]
     extra = [re.escape(new) for old, new in fixed if re.fullmatch(pattern, old)]
     if to == TRANSFORMERS:
-        body = rf"model\.(?=(?:embed_tokens|layers|norm)(?:\.|$))(?:{pattern})"
+        inner = pattern[1:] if pattern.startswith("^") else pattern
+        body = rf"model\.(?=(?:embed_tokens|layers|norm)(?:\.|$))(?:{inner})"
     else:
         body = re.sub(r"^\^?model\\\.", "", pattern)
     return "|".join([f"(?:{body})", *extra]) if extra else body
