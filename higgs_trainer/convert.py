@@ -453,12 +453,15 @@ def _check_against_config(planned: Iterable[_Planned], config: dict, to: str, wh
         )
 
 
-def _write_safetensors(path: Path, items: list[_Planned], handles: dict[Path, object]) -> int:
+def _write_safetensors(path: Path, items: list[_Planned]) -> int:
     """Write one safetensors file tensor by tensor; returns the bytes of tensor data.
 
-    Our own writer because safetensors' ``save_file`` takes every tensor of the file at once: here
-    memory follows the largest tensor, not the shard. The format is an 8-byte little-endian header
-    length, the JSON header (dtype, shape, data_offsets per tensor), then the raw bytes.
+    Our own writer because safetensors' ``save_file`` takes every tensor of the file at once. Here
+    each input tensor is read with its own short-lived ``safe_open`` (so no mapping of the inputs
+    stays resident) and its bytes are written straight from it; the two halves of a split weight are
+    written one after the other, which is their row concatenation. Memory follows the largest
+    tensor, not the shard. The format: an 8-byte little-endian header length, the JSON header
+    (dtype, shape, data_offsets per tensor), then the raw bytes.
     """
     header, offset = {}, 0
     for item in items:
@@ -472,12 +475,17 @@ def _write_safetensors(path: Path, items: list[_Planned], handles: dict[Path, ob
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
         for item in items:
-            tensors = [handles[file].get_tensor(key) for file, key in item.parts]
-            tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-            if tuple(tensor.shape) != item.shape:
+            rows = 0
+            for file, key in item.parts:
+                with safe_open(str(file), framework="pt", device="cpu") as reader:
+                    tensor = reader.get_tensor(key)
+                if tuple(tensor.shape[1:]) != item.shape[1:]:
+                    raise CheckpointError(f"{file}: {key} is not the shape its header says")
+                rows += tensor.shape[0] if tensor.dim() else 1
+                handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del tensor
+            if rows != (item.shape[0] if item.shape else 1):
                 raise CheckpointError(f"{item.parts[0][0]}: {item.parts[0][1]} is not the shape its header says")
-            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            del tensors, tensor
     return offset
 
 
@@ -496,7 +504,7 @@ def _convert_model(source: Path, target: Path, to: str, result: ConvertResult) -
             items = by_file.get(file, [])
             if not items:
                 continue
-            total += _write_safetensors(target / file.name, items, handles)
+            total += _write_safetensors(target / file.name, items)
             weight_map.update({item.key: file.name for item in items})
             result.num_tensors += len(items)
     if (source / SAFE_INDEX).is_file():
