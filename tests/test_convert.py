@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,15 +168,26 @@ def test_adapter_round_trip_is_exact(tmp_path):
     assert back_config == {**json.loads((tmp_path / "boson" / "adapter_config.json").read_text()), **config}
 
 
-def test_target_module_regex_is_rewritten(tmp_path):
+def test_target_module_regex_is_rewritten_both_ways(tmp_path):
     regex = r"layers\.\d+\.self_attn\.(q_proj|o_proj)"
     write_adapter(tmp_path / "boson", BOSON_MODULES, {"target_modules": regex})
     convert_layout(tmp_path / "boson", "transformers", tmp_path / "hf")
     new = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["target_modules"]
-    import re
-
     assert re.fullmatch(new, "model.layers.1.self_attn.o_proj") and not re.fullmatch(new, "layers.1.self_attn.o_proj")
     assert not re.fullmatch(new, "model.layers.1.self_attn.v_proj")
+    convert_layout(tmp_path / "hf", "boson", tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())["target_modules"]
+    assert re.fullmatch(back, "layers.1.self_attn.o_proj") and not re.fullmatch(back, "layers.1.self_attn.v_proj")
+
+
+def test_json_output(tmp_path, capsys):
+    write_adapter(tmp_path / "boson", BOSON_MODULES)
+    code, out, _err = run_cli(
+        capsys, "convert", tmp_path / "boson", "--to", "transformers", "-o", tmp_path / "hf", "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["kind"] == "adapter" and result["num_tensors"] == 4 and result["renamed"] == 4
 
 
 def test_run_directory_converts_every_adapter(tmp_path, capsys):
