@@ -115,12 +115,13 @@ def convert_layout(
     source = existing_directory(source, "source")
     base = existing_directory(base, "base model") if base is not None else None
     output = output_directory(output, overwrite, inputs=[source] + ([base] if base else []))
+    is_model = _is_model_dir(source)
+    if is_model and base is not None:
+        raise UsageError("--base checks converted adapters; converting a model needs none (leave it out)")
     base_model = _empty_model(base, to) if base is not None else None
     result = ConvertResult(source=str(source), path=str(output), to=to, kind="", outputs=[], num_tensors=0, renamed=0)
     with staged_directory(output) as staging:
-        if _is_model_dir(source):
-            if base is not None:
-                raise UsageError("--base checks converted adapters; converting a model needs none (leave it out)")
+        if is_model:
             result.kind = "model"
             _convert_model(source, staging, to, result)
             result.outputs = [str(output)]

@@ -275,3 +275,11 @@ def test_python_api_is_exported():
 
     assert higgs_trainer.convert_layout is convert_layout
     assert sys.modules["higgs_trainer.convert"].convert_layout is convert_layout
+
+
+def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
+    write_adapter(tmp_path / "boson", ["layers.0.self_attn.q_proj", "audio_tower.layers.0.fc1"])
+    code, _out, err = run_cli(capsys, "convert", tmp_path / "boson", "--to", "transformers", "-o", tmp_path / "hf")
+    assert code == 1
+    assert_one_line_error(err, "audio tower")
+    assert not (tmp_path / "hf").exists()
