@@ -10,6 +10,7 @@ Examples:
 """
 
 from ._version import __version__ as __version__  # re-exported: higgs_trainer.__version__
+from .convert import ConvertResult, convert_layout
 from .discovery import LoraComponent, find_lora_model
 from .errors import (
     AdapterSaveError,
@@ -33,6 +34,7 @@ __all__ = [
     "AdapterVerificationError",
     "AmbiguousLoraModelError",
     "CheckpointError",
+    "ConvertResult",
     "ExtractedAdapter",
     "HiggsLoraTrainer",
     "HiggsTrainerError",
@@ -43,6 +45,7 @@ __all__ = [
     "MergeResult",
     "SavedAdapter",
     "UsageError",
+    "convert_layout",
     "extract_adapter",
     "find_lora_model",
     "inspect_adapter",

@@ -1,7 +1,7 @@
-"""The ``higgs-trainer`` command line: ``verify``, ``extract`` and ``merge``.
+"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge`` and ``convert``.
 
 Each subcommand calls one library function (`verification.inspect_path`,
-`extraction.extract_adapter`, `merging.merge_adapter`) and prints what it did on
+`extraction.extract_adapter`, `merging.merge_adapter`, `convert.convert_layout`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
 error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an interrupted command
 removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
@@ -42,8 +42,10 @@ import transformers
 from . import __version__
 from .atomic import find_directory
 from .checkpoint import existing_directory
+from .convert import convert_layout
 from .errors import HiggsTrainerError, UsageError, first_line
 from .extraction import extract_adapter
+from .layouts import LAYOUTS
 from .merging import DTYPES, empty_base_model, merge_adapter
 from .verification import AdapterSummary, human_size, inspect_path
 
@@ -60,13 +62,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``higgs-trainer`` and its three subcommands.
+    """The argument parser of ``higgs-trainer`` and its subcommands.
 
     Examples:
         >>> build_parser().parse_args(["extract", "ckpt", "--output", "out", "--lora-alpha", "32"]).lora_alpha
         32.0
     """
-    parser = _Parser(prog=PROG, description="Verify, rescue and merge LoRA adapters of Higgs Audio (or any PEFT) runs.")
+    parser = _Parser(
+        prog=PROG, description="Verify, rescue, merge and convert LoRA adapters of Higgs Audio (or any PEFT) runs."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="debug logging, and a traceback on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done (INFO) on stderr")
@@ -127,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
     )
     merge.set_defaults(handler=_merge)
+
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="convert adapters or a model between the boson_multimodal and transformers Higgs layouts",
+        description="Rename the keys of SRC (an adapter, a checkpoint or run directory: each lora_adapters in it, or "
+        "a full Higgs model directory) for HiggsAudioV2ForConditionalGeneration (--to transformers) or boson's "
+        "HiggsAudioModel (--to boson), rewrite adapter_config.json / config.json, check the result, write DIR.",
+    )
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("--to", required=True, choices=LAYOUTS, help="the layout to write")
+    convert.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
+    convert.add_argument("--base", metavar="BASE_DIR", help="also load converted adapters onto this base with peft")
+    convert.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    convert.set_defaults(handler=_convert)
     return parser
 
 
@@ -226,6 +245,27 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    result = convert_layout(args.source, args.to, args.output, base=args.base, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    what = "model" if result.kind == "model" else f"{len(result.outputs)} adapter(s)"
+    print(
+        f"Converted {what} ({result.num_tensors} tensors, {result.renamed} renamed) from {result.source} to the "
+        f"{result.to} layout in {result.path} in {result.seconds:.2f} s"
+    )
+    for path in result.outputs if result.kind == "adapters" else []:
+        print(f"  {path}")
+    if result.concatenated:
+        print(f"  joined boson's split weights into {', '.join(result.concatenated)}")
+    if result.skipped:
+        print(f"  skipped {len(result.skipped)} buffer(s) recomputed from the config")
+    if result.verified_on_base:
+        print(f"  loads onto {args.base} with zero missing and zero unexpected adapter keys")
+    return 0
+
+
 # running
 
 
@@ -322,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: name a command: verify, extract or merge", file=sys.stderr)
+        print(f"{PROG}: error: name a command: verify, extract, merge or convert", file=sys.stderr)
         return 2
     with _console(args.verbose, args.debug), _interruptible():
         try:

@@ -14,7 +14,7 @@ def pytest_report_header(config):
     import torch
     import transformers
 
-    stack = "higgs (HiggsAudioModel)" if HIGGS_STACK else "newest (LlamaForCausalLM)"
+    stack = "higgs (HiggsAudioModel)" if HIGGS_STACK else "newest (HiggsAudioV2ForConditionalGeneration)"
     return (
         f"stack: {stack}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )

@@ -1,10 +1,13 @@
 """Tiny real models for the tests: random weights built from configs, nothing downloaded.
 
 On the Higgs stack (transformers < 4.47 with boson_multimodal installed) the base model is
-the real ``HiggsAudioModel``; on the newest stack, where boson_multimodal does not import, a
-tiny ``LlamaForCausalLM`` with tied embeddings. The wrappers mirror the community scripts'
-``HiggsAudioModelWrapper``: a plain ``nn.Module`` whose ``.model`` (or ``.model.text_model``)
-becomes the ``PeftModel``.
+the real ``HiggsAudioModel``; on the newest stack, where boson_multimodal does not import, the
+real ``HiggsAudioV2ForConditionalGeneration`` transformers ships (DualFFN on every layer, its text
+head on), trained with its own text and audio loss (``labels`` and ``audio_labels``): the batches
+there hold an audio segment (``audio_input_ids``). `tiny_llama` is a plain ``LlamaForCausalLM``
+for the tests that show the library works for any PEFT model. The wrappers mirror the community
+scripts' ``HiggsAudioModelWrapper``: a plain ``nn.Module`` whose ``.model`` (or
+``.model.text_model``) becomes the ``PeftModel``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,31 @@ HIGGS_STACK = Version(transformers.__version__) < Version("4.47") and bool(impor
 VOCAB = 256
 SEQ_LEN = 16  # a multiple of 8, so HiggsAudioModel adds no padding
 TARGET_MODULES = ["q_proj", "v_proj"]
+# The newest stack's HiggsAudioV2: 4 codebooks of 32 codes plus the two stream tokens; frames SEQ_LEN // 4 ... 3 // 4.
+CODEBOOKS, CODEBOOK_SIZE, AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS, AUDIO_DELAY = 4, 34, 251, 252, 253, 254
+AUDIO_SPAN = slice(SEQ_LEN // 4, 3 * SEQ_LEN // 4)
+FRAMES = AUDIO_SPAN.stop - AUDIO_SPAN.start
+
+
+def tiny_higgs_v2_config() -> transformers.PretrainedConfig:
+    """The newest stack's tiny HiggsAudioV2Config (same sizes as the Higgs stack's HiggsAudioModel)."""
+    return transformers.HiggsAudioV2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, num_codebooks=CODEBOOKS,
+        codebook_size=CODEBOOK_SIZE, audio_stream_bos_id=CODEBOOK_SIZE - 2, audio_stream_eos_id=CODEBOOK_SIZE - 1,
+        audio_token_id=AUDIO_TOKEN, audio_bos_token_id=AUDIO_BOS, audio_delay_token_id=AUDIO_DELAY, pad_token_id=0,
+        bos_token_id=1, eos_token_id=AUDIO_EOS, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A tiny ``LlamaForCausalLM`` with tied embeddings: any causal LM, not Higgs."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
 
 
 def tiny_base_model(seed: int = 0) -> nn.Module:
@@ -42,11 +70,7 @@ def tiny_base_model(seed: int = 0) -> nn.Module:
             audio_out_bos_token_id=252, audio_eos_token_id=253, pad_token_id=0,
         )  # fmt: skip
         return HiggsAudioModel(config)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return transformers.HiggsAudioV2ForConditionalGeneration(tiny_higgs_v2_config(), use_text_head=True)
 
 
 def lora_config(r: int = 4) -> LoraConfig:
@@ -60,6 +84,19 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
     )
+
+
+def logits_loss(logits: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+    """The loss from a model's logits: causal-LM on the text, or (HiggsAudioV2, whose logits are the audio head's)
+    the sum over codebooks of the causal-LM loss on ``audio_labels`` at the audio positions, as the model computes it.
+    """
+    if not batch or batch.get("audio_labels") is None:
+        return causal_lm_loss(logits, labels)
+    ids = batch["input_ids"]
+    per_codebook = logits[:, : ids.shape[1]].reshape(*ids.shape, CODEBOOKS, CODEBOOK_SIZE)
+    expanded = torch.full((*ids.shape, CODEBOOKS), -100, dtype=torch.long, device=ids.device)
+    expanded[ids == AUDIO_TOKEN] = batch["audio_labels"][batch["audio_input_ids_mask"]]
+    return sum(causal_lm_loss(per_codebook[:, :, c], expanded[:, :, c]) for c in range(CODEBOOKS))
 
 
 class TextModelHolder(nn.Module):
@@ -81,16 +118,32 @@ class Wrapper(nn.Module):
         self.model = model
         self.compute_loss = compute_loss
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        if labels is None or not self.compute_loss:
-            return {"logits": out.logits}
-        return {"loss": causal_lm_loss(out.logits, labels), "logits": out.logits}
+    def forward(self, input_ids, attention_mask=None, labels=None, **audio):
+        loss, logits = loss_and_logits(
+            self.model, input_ids, attention_mask, labels if self.compute_loss else None, **audio
+        )
+        return {"logits": logits} if loss is None else {"loss": loss, "logits": logits}
 
 
-def make_model(layout: str = "model", seed: int = 0, r: int = 4, compute_loss: bool = True) -> nn.Module:
-    """A model with LoRA applied where ``layout`` says: ``model``, ``text_model`` or ``top`` (a bare PeftModel)."""
-    base = tiny_base_model(seed)
+def loss_and_logits(model, input_ids, attention_mask=None, labels=None, **audio):
+    """(loss or None, logits) of ``model`` on a batch: Higgs v2 computes its own text + audio loss, others the causal-LM one."""
+    if audio:  # HiggsAudioV2: audio_input_ids, audio_input_ids_mask and (when training) audio_labels
+        if labels is None:
+            audio = {k: v for k, v in audio.items() if k != "audio_labels"}
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **audio)
+        return out.loss, out.logits
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return (None if labels is None else causal_lm_loss(out.logits, labels)), out.logits
+
+
+def make_model(
+    layout: str = "model", seed: int = 0, r: int = 4, compute_loss: bool = True, base: nn.Module | None = None
+) -> nn.Module:
+    """A model with LoRA applied where ``layout`` says: ``model``, ``text_model`` or ``top`` (a bare PeftModel).
+
+    ``base`` replaces `tiny_base_model` (e.g. `tiny_llama`).
+    """
+    base = tiny_base_model(seed) if base is None else base
     if layout == "top":
         return get_peft_model(base, lora_config(r))
     if layout == "model":
@@ -103,23 +156,47 @@ def make_model(layout: str = "model", seed: int = 0, r: int = 4, compute_loss: b
 
 
 class RandomTokens(torch.utils.data.Dataset):
-    """Fixed random token sequences; labels are the inputs."""
+    """Fixed random token sequences; labels are the inputs (on the newest stack, with an audio segment: ``audio``)."""
 
-    def __init__(self, n: int = 16, seed: int = 1):
+    def __init__(self, n: int = 16, seed: int = 1, audio: bool | None = None):
         gen = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(1, VOCAB - 8, (n, SEQ_LEN), generator=gen)
+        self.codes = torch.randint(0, CODEBOOK_SIZE - 2, (n, FRAMES, CODEBOOKS), generator=gen)
+        self.audio = not HIGGS_STACK if audio is None else audio
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i):
         ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if self.audio:
+            item = with_audio(item, self.codes[i])
+            item["audio_labels"] = item["audio_input_ids"].clone()
+        return item
 
 
-def probe_batch(n: int = 2) -> dict[str, torch.Tensor]:
+def with_audio(item: dict[str, torch.Tensor], codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A text sequence with an audio segment in its middle, as HiggsAudioV2Processor lays it out (newest stack)."""
+    ids = item["input_ids"].clone()
+    ids[..., AUDIO_SPAN] = AUDIO_TOKEN
+    item = dict(
+        item, input_ids=ids, audio_input_ids=codes, audio_input_ids_mask=torch.ones(codes.shape[:-1], dtype=torch.bool)
+    )
+    if "labels" in item:
+        labels = ids.clone()
+        labels[..., AUDIO_SPAN] = -100  # the audio positions are scored by audio_labels
+        item["labels"] = labels
+    return item
+
+
+def probe_batch(n: int = 2, audio: bool | None = None) -> dict[str, torch.Tensor]:
     ids = torch.randint(1, VOCAB - 8, (n, SEQ_LEN), generator=torch.Generator().manual_seed(99))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if not HIGGS_STACK if audio is None else audio:
+        codes = torch.randint(0, CODEBOOK_SIZE - 2, (n, FRAMES, CODEBOOKS), generator=torch.Generator().manual_seed(98))
+        batch = with_audio(batch, codes)
+    return batch
 
 
 @torch.no_grad()

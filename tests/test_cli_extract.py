@@ -31,18 +31,8 @@ from tests.models import (
 ALPHA = "8"  # tests.models.lora_config: lora_alpha = 2 * r = 8
 
 
-class UntiedSaveTrainer(Trainer):
-    """Plain Trainer, except that shared tensors get their own storage so safetensors accepts them.
-
-    transformers 5.x's Trainer cannot save a wrapper around a model with tied embeddings at all
-    (safetensors refuses shared tensors, known failure 10 in docs/troubleshooting.md); the newest stack's tiny Llama has them.
-    """
-
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, clone_shared_tensors(self.model.state_dict()))
-
-
-PlainTrainer = Trainer if HIGGS_STACK else UntiedSaveTrainer
+# The old scripts' plain Trainer (the tiny Higgs models of both stacks have no tied tensors, which it could not save).
+PlainTrainer = Trainer
 
 
 @dataclasses.dataclass

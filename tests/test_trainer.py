@@ -1,4 +1,4 @@
-"""HiggsLoraTrainer with the real Trainer and peft, on the real HiggsAudioModel (Higgs stack) or a tiny Llama (newest)."""
+"""HiggsLoraTrainer with the real Trainer and peft, on the real HiggsAudioModel (Higgs stack) or HiggsAudioV2 (newest)."""
 
 import json
 from pathlib import Path
@@ -17,10 +17,12 @@ from tests.models import (
     RandomTokens,
     assert_same_tensors,
     causal_lm_loss,
+    logits_loss,
     logits_of,
     make_model,
     probe_batch,
     tiny_base_model,
+    tiny_llama,
     training_args,
 )
 
@@ -43,7 +45,7 @@ def adapter_of(directory) -> dict:
 
 
 class LossFromLogitsTrainer(HiggsLoraTrainer):
-    """For a bare PeftModel around a model that computes no loss (HiggsAudioModel)."""
+    """For a bare PeftModel around a model that computes no loss (HiggsAudioModel; HiggsAudioV2 computes its own)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         labels = inputs.pop("labels")
@@ -54,7 +56,7 @@ class LossFromLogitsTrainer(HiggsLoraTrainer):
 
 def train(tmp_path, layout="model", trainer_cls=None, **arg_overrides):
     model = make_model(layout)
-    trainer_cls = trainer_cls or (LossFromLogitsTrainer if layout == "top" else HiggsLoraTrainer)
+    trainer_cls = trainer_cls or (LossFromLogitsTrainer if layout == "top" and HIGGS_STACK else HiggsLoraTrainer)
     recorder = RecordLora()
     trainer = trainer_cls(
         model=model, args=training_args(tmp_path, **arg_overrides), train_dataset=RandomTokens(), callbacks=[recorder]
@@ -109,9 +111,9 @@ def test_mixin_on_a_custom_trainer_with_its_own_compute_loss(tmp_path):
     class HiggsAudioTrainer(LoraAdapterSavingMixin, Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
             calls.append(1)
-            labels = inputs.pop("labels")
+            labels, audio_labels = inputs.pop("labels"), inputs.pop("audio_labels", None)
             outputs = model(**inputs)
-            loss = causal_lm_loss(outputs["logits"], labels)
+            loss = logits_loss(outputs["logits"], labels, dict(inputs, audio_labels=audio_labels))
             return (loss, outputs) if return_outputs else loss
 
     model = make_model(compute_loss=False)
@@ -191,3 +193,20 @@ def test_save_embedding_layers_needs_a_base_with_input_embeddings(tmp_path):
             "embed_tokens" in k
             for k in load_file(str(tmp_path / "checkpoint-2" / "lora_adapters" / "adapter_model.safetensors"))
         )
+
+
+def test_any_wrapped_peft_model_a_plain_llama(tmp_path):
+    """Nothing here is Higgs-specific: a wrapped LlamaForCausalLM saves its adapters the same way."""
+    model = make_model("model", base=tiny_llama())
+    recorder = RecordLora()
+    trainer = HiggsLoraTrainer(
+        model=model, args=training_args(tmp_path), train_dataset=RandomTokens(audio=False), callbacks=[recorder]
+    )
+    trainer.train()
+    for step in (2, 4):
+        assert_same_tensors(adapter_of(tmp_path / f"checkpoint-{step}" / "lora_adapters"), recorder.by_step[step])
+    probe = probe_batch(audio=False)
+    trained = logits_of(model, probe)
+    assert not torch.allclose(logits_of(tiny_llama(), probe), trained, atol=1e-4)
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "checkpoint-4" / "lora_adapters"))
+    torch.testing.assert_close(logits_of(loaded, probe), trained, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ optimizer = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad],
 data = RandomTokens()
 wrapper.train()
 for step in range(2):
-    batch = {k: torch.stack([data[2 * step + rank][k]]) for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.stack([v]) for k, v in data[2 * step + rank].items()}
     root(**batch)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad()

@@ -30,7 +30,11 @@ if mode.startswith("zero3"):
 elif mode.startswith("fsdp"):
     engine["fsdp"] = "full_shard auto_wrap"
     engine["fsdp_config"] = {
-        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "HiggsAudioDualFFNDecoderLayer"],
+        "transformer_layer_cls_to_wrap": [
+            "LlamaDecoderLayer",
+            "HiggsAudioDualFFNDecoderLayer",
+            "HiggsAudioV2DecoderLayer",
+        ],
         "state_dict_type": "FULL_STATE_DICT" if mode == "fsdp-full" else "SHARDED_STATE_DICT",
         "use_orig_params": True,
     }
