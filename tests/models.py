@@ -196,8 +196,16 @@ def heads_to_save(model: nn.Module) -> list[str]:
     """
     present = dict(model.named_modules())
     higgs = ["audio_decoder_proj.audio_lm_head", "audio_decoder_proj.text_lm_head", "audio_codebook_embeddings"]
-    names = [name for name in higgs if name in present]
-    return names or ["model.norm"]
+    native = [
+        "audio_lm_head",
+        "text_lm_head",
+        "model.embed_audio_tokens",
+    ]  # transformers' HiggsAudioV2ForConditionalGeneration
+    for names in (higgs, native):
+        found = [name for name in names if name in present]
+        if found:
+            return found
+    return ["model.norm"]
 
 
 def speech_lora_config(targets, modules_to_save=None, r: int = 4) -> LoraConfig:
