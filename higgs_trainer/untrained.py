@@ -120,8 +120,8 @@ def check_lora_trainable(
     if frozen:
         raise HiggsTrainerError(
             f"{len(frozen)} of {len(params)} LoRA parameter(s) are frozen (requires_grad=False), so they never train: "
-            f"{listed(frozen)}. Do not freeze the model after get_peft_model (peft already froze the base), or "
-            "call peft_model.train() / set requires_grad=True on the lora_ parameters."
+            f"{listed(frozen)}. Do not freeze the model after get_peft_model (peft already froze the base); load a saved "
+            "adapter for training with PeftModel.from_pretrained(base, path, is_trainable=True)."
         )
     # accelerate's DummyOptim (DeepSpeed builds the real optimizer from its config) has no param_groups
     groups = getattr(optimizer, "param_groups", None)
