@@ -66,10 +66,10 @@ def test_both_gather_settings_save_the_same_adapters(runs):
 
 def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactly(runs, tmp_path):
     env = {"DS_ACCELERATOR": "cpu"}
-    torchrun("zero3_train.py", tmp_path / "a", "--adapter-only", env=env)
+    torchrun("zero3_train.py", tmp_path / "a", "--adapter-only", "--heads", env=env)  # modules_to_save carried too
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert not (checkpoint / "model.safetensors").exists()
-    verify_adapter(checkpoint / "lora_adapters")
+    assert verify_adapter(checkpoint / "lora_adapters").modules_to_save == sorted(HEADS)
     # DeepSpeed's own checkpoint leaves the frozen base out: far smaller than the full run's
     module_states = sorted((checkpoint / "global_step2").glob("*model_states.pt"))
     full_states = sorted((runs[1] / "checkpoint-2" / "global_step2").glob("*model_states.pt"))
@@ -77,9 +77,10 @@ def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactl
         f.stat().st_size for f in full_states
     )
 
-    torchrun("zero3_train.py", tmp_path / "b", "--adapter-only", "--resume", checkpoint, env=env)
+    torchrun("zero3_train.py", tmp_path / "b", "--adapter-only", "--heads", "--resume", checkpoint, env=env)
     uninterrupted = load_file(str(tmp_path / "a" / "lora_adapters" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
+    assert sorted(resumed) == sorted(uninterrupted)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
