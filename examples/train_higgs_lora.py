@@ -14,6 +14,7 @@ that the merge command printed at the end runs as printed.
 
     python examples/train_higgs_lora.py --output-dir output/tiny-higgs-lora
     python examples/train_higgs_lora.py --lora-audio-mlp          # also adapt the DualFFN audio path
+    python examples/train_higgs_lora.py --train-audio-head        # also train the heads whole (modules_to_save)
 
 With ``--model-path`` (a local Higgs Audio v2 checkpoint directory) and ``--data-dir``, it trains the
 real model on your data:
@@ -134,16 +135,29 @@ class HiggsAudioModelWrapper(nn.Module):
         )  # fmt: skip
 
 
-def lora_config(rank: int, audio_mlp: bool) -> LoraConfig:
+# What a new voice trains whole beside LoRA (peft's modules_to_save): the audio head, the text head and the
+# codebook embeddings. They are saved, checked, extracted and merged like the LoRA tensors.
+AUDIO_HEAD_MODULES = [
+    "audio_decoder_proj.audio_lm_head",
+    "audio_decoder_proj.text_lm_head",
+    "audio_codebook_embeddings",
+]
+
+
+def lora_config(rank: int, audio_mlp: bool, audio_head: bool = False) -> LoraConfig:
     """LoRA on attention and the text MLPs; with ``audio_mlp`` also on the DualFFN audio MLPs.
 
     Text MLPs (``layers.N.mlp.*``) and the DualFFN audio path (``layers.N.audio_mlp.*``) share leaf
     names, so a regex over full module names tells them apart. No ``task_type``: peft's causal-LM
     model passes ``labels=`` to the base model, which ``HiggsAudioModel.forward`` does not take.
+    With ``audio_head``, the heads and codebook embeddings train whole (``modules_to_save``).
     """
     audio_path = r"|audio_mlp\.(gate|up|down)_proj" if audio_mlp else ""
     pattern = r".*\.(self_attn\.(q|k|v|o)_proj|(?<!audio_)mlp\.(gate|up|down)_proj" + audio_path + ")"
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=pattern)
+    modules_to_save = AUDIO_HEAD_MODULES if audio_head else None
+    return LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=pattern, modules_to_save=modules_to_save
+    )
 
 
 # --- the loss and the trainer ------------------------------------------------------------------
@@ -352,6 +366,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 5e-3 tiny model, 1e-4 real")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-audio-mlp", action="store_true", help="also put LoRA on the DualFFN audio_mlp")
+    parser.add_argument(
+        "--train-audio-head",
+        action="store_true",
+        help="also train the audio head, text head and codebook embeddings whole (peft modules_to_save)",
+    )
     parser.add_argument("--adapter-only-checkpoints", action="store_true", help="checkpoints without base weights")
     parser.add_argument("--resume-from-checkpoint", help="a checkpoint-N directory of an earlier run")
     args = parser.parse_args(argv)
@@ -372,7 +391,9 @@ def build_trainer(args: argparse.Namespace) -> HiggsAudioTrainer:
         base.save_pretrained(Path(args.output_dir) / "base_model")  # so the printed merge command runs as is
         train_dataset = SyntheticSpeechSamples()
     wrapper = HiggsAudioModelWrapper(base)
-    wrapper.model = get_peft_model(wrapper.model, lora_config(args.lora_rank, args.lora_audio_mlp))
+    wrapper.model = get_peft_model(
+        wrapper.model, lora_config(args.lora_rank, args.lora_audio_mlp, args.train_audio_head)
+    )
     cuda = torch.cuda.is_available()
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps,
@@ -400,7 +421,9 @@ def report(args: argparse.Namespace) -> None:
         status = "ok" if s.ok else "FAILED: " + "; ".join(s.problems)
         print(
             f"  {directory}: {s.num_tensors} tensors, {s.num_parameters} parameters, "
-            f"{s.num_bytes} bytes, r={s.r}, alpha={s.lora_alpha} [{status}]"
+            f"{s.num_bytes} bytes, r={s.r}, alpha={s.lora_alpha}"
+            + (f", modules_to_save {', '.join(s.modules_to_save)}" if s.modules_to_save else "")
+            + f" [{status}]"
         )
     # Full paths, so that the commands run as printed from a new shell (any directory, this environment not active).
     run, base = out.resolve(), Path(args.model_path or out / "base_model").resolve()

@@ -169,6 +169,10 @@ def load_optimizer_and_scheduler_on_cpu(trainer: Any, checkpoint: str) -> bool:
     Can go once the Higgs stack moves to transformers 5.
     Only the plain DDP path is taken over (no DeepSpeed, FSDP, XLA or SageMaker, whose loaders
     differ); anything else, or a checkpoint without both files, is left to ``Trainer``.
+
+    Examples:
+        >>> if not load_optimizer_and_scheduler_on_cpu(trainer, "out/checkpoint-2"):  # doctest: +SKIP
+        ...     Trainer._load_optimizer_and_scheduler(trainer, "out/checkpoint-2")
     """
     device = trainer.args.device
     if (

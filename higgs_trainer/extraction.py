@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
 from .names import SAFETENSORS_NAME
+from .untrained import untrained_problem
 from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def extract_adapter(
     try:
         with staged_directory(output) as staging:
             save_file(tensors, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
+            untrained = untrained_problem(config.to_dict(), tensors)
             tensors.clear()  # the verification reads the file back: one copy of the adapter in memory at a time
             config.save_pretrained(str(staging))
             summary = verify_adapter(staging, layout.shapes)
@@ -220,6 +222,8 @@ def extract_adapter(
         modules_to_save=list(layout.modules_to_save),
     )
     logger.info("Wrote adapter to %s (%d tensors, %s)", output, result.num_tensors, human_size(result.num_bytes))
+    if untrained is not None:  # rescued as it is; `verify` fails it and `merge` refuses it
+        logger.warning("the adapter extracted to %s is %s", output, untrained)
     return result
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -142,6 +143,30 @@ def clone_shared_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return result
 
 
+def _check_every_lora_layer_selected(
+    peft_model: PeftModel, adapter_name: str, shapes: dict[str, tuple[int, ...]], target: Path
+) -> None:
+    """Raise when peft's selection of adapter keys misses LoRA layers the model has.
+
+    The expected keys come from peft's own ``get_peft_model_state_dict``; where peft selects by
+    module names a wrapper changed (FSDP1 units under peft 0.21), it drops LoRA keys from both the
+    file and the expectation, and an adapter of ``modules_to_save`` weights alone would pass.
+    Counted here from the modules themselves.
+    """
+    layers = [
+        path
+        for path, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and (adapter_name in module.lora_A or adapter_name in module.lora_embedding_A)
+    ]
+    selected = {key.split(".lora_")[0] for key in shapes if ".lora_A." in key or ".lora_embedding_A" in key}
+    if len(selected) != len(layers):
+        raise AdapterVerificationError(
+            f"peft selected the LoRA tensors of {len(selected)} of the {len(layers)} LoRA layers of adapter "
+            f"{adapter_name!r} for saving; refusing to write an incomplete adapter to {target} (FSDP1 units with "
+            "peft >= 0.21 do this: see docs/distributed.md)"
+        )
+
+
 def write_lora_adapters(
     component: LoraComponent,
     output_dir: str | os.PathLike,
@@ -199,6 +224,8 @@ def write_lora_adapters(
             )
             for name in peft_model.peft_config
         }
+    for name, shapes in expected.items():
+        _check_every_lora_layer_selected(peft_model, name, shapes, target)
     try:
         with staged_directory(target) as staging:
             try:

@@ -63,9 +63,9 @@ def untrained_problem(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> s
     Examples:
         >>> a, b = torch.ones(2, 4), torch.zeros(4, 2)
         >>> keys = ("base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight")
-        >>> untrained_problem({"init_lora_weights": True}, dict(zip(keys, (a, b))))[:28]
-        'untrained: all 1 lora_B tens'
-        >>> untrained_problem({"init_lora_weights": True}, dict(zip(keys, (a, b + 1)))) is None
+        >>> untrained_problem({"init_lora_weights": True}, dict(zip(keys, (a, b), strict=True)))[:37]
+        'untrained: all 1 lora_B tensor(s) are'
+        >>> untrained_problem({"init_lora_weights": True}, dict(zip(keys, (a, b + 1), strict=True))) is None
         True
     """
     if not starts_from_zero(config):
@@ -120,12 +120,14 @@ def check_lora_trainable(
     if frozen:
         raise HiggsTrainerError(
             f"{len(frozen)} of {len(params)} LoRA parameter(s) are frozen (requires_grad=False), so they never train: "
-            f"{listed(frozen)}. Do not freeze the model after get_peft_model (peft already froze the base), or "
-            "call peft_model.train() / set requires_grad=True on the lora_ parameters."
+            f"{listed(frozen)}. Do not freeze the model after get_peft_model (peft already froze the base); load a saved "
+            "adapter for training with PeftModel.from_pretrained(base, path, is_trainable=True)."
         )
-    if optimizer is None or not params:
+    # accelerate's DummyOptim (DeepSpeed builds the real optimizer from its config) has no param_groups
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None or not params:
         return
-    optimized = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    optimized = {id(param) for group in groups for param in group["params"]}
     missing = [name for name, param in params if id(param) not in optimized]
     if missing:
         raise HiggsTrainerError(

@@ -273,8 +273,16 @@ def heads_to_save(model: nn.Module) -> list[str]:
     """
     present = dict(model.named_modules())
     higgs = ["audio_decoder_proj.audio_lm_head", "audio_decoder_proj.text_lm_head", "audio_codebook_embeddings"]
-    names = [name for name in higgs if name in present]
-    return names or ["model.norm"]
+    native = [
+        "audio_lm_head",
+        "text_lm_head",
+        "model.embed_audio_tokens",
+    ]  # transformers' HiggsAudioV2ForConditionalGeneration
+    for names in (higgs, native):
+        found = [name for name in names if name in present]
+        if found:
+            return found
+    return ["model.norm"]
 
 
 def speech_lora_config(targets, modules_to_save=None, r: int = 4) -> LoraConfig:
@@ -305,14 +313,17 @@ class SpeechWrapper(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, label_ids, audio_out_ids, audio_out_ids_start,
-                audio_out_ids_start_group_loc, label_audio_ids):  # fmt: skip
+    def forward(self, input_ids, attention_mask=None, label_ids=None, audio_out_ids=None, audio_out_ids_start=None,
+                audio_out_ids_start_group_loc=None, label_audio_ids=None):  # fmt: skip
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, label_ids=label_ids, audio_out_ids=audio_out_ids,
             audio_out_ids_start=audio_out_ids_start, audio_out_ids_start_group_loc=audio_out_ids_start_group_loc,
             label_audio_ids=label_audio_ids,
         )  # fmt: skip
-        return {"loss": speech_loss(out, label_audio_ids), "logits": out.logits, "audio_logits": out.audio_logits}
+        result = {"logits": out.logits, "audio_logits": out.audio_logits}
+        if label_audio_ids is not None:  # a text-only batch (tests.models.probe_batch) just gives logits
+            result["loss"] = speech_loss(out, label_audio_ids)
+        return result
 
 
 def make_speech_model(targets, modules_to_save=None, seed: int = 0, r: int = 4) -> nn.Module:
@@ -386,14 +397,9 @@ def speech_probe(n: int = 2) -> dict[str, torch.Tensor]:
 def speech_logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{"text": ..., "audio": ...}`` logits of a wrapper, or of a bare (Peft)HiggsAudioModel given the same batch."""
     model.eval()
-    if isinstance(model, (SpeechWrapper, Wrapper)):
-        out = model(**batch)
-    elif HIGGS_STACK:
-        kwargs = {k: v for k, v in batch.items()}
-        out = model(**kwargs)
-        out = {"logits": out.logits, "audio_logits": out.audio_logits}
-    else:
-        out = {"logits": model(**batch).logits}
+    out = model(**batch)
+    if not isinstance(out, dict):  # a bare model's output object
+        out = {"logits": out.logits, "audio_logits": getattr(out, "audio_logits", None)}
     result = {"text": out["logits"].float()}
     if out.get("audio_logits") is not None:
         result["audio"] = out["audio_logits"].float()

@@ -135,3 +135,29 @@ def test_resume_from_an_adapter_only_checkpoint_gives_the_uninterrupted_adapter(
     again = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
     for key, value in uninterrupted.items():
         torch.testing.assert_close(again[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_train_audio_head_trains_the_heads_whole_and_the_adapter_reproduces_them(example, tmp_path):
+    argv = ["--output-dir", str(tmp_path), "--max-steps", "2", "--train-audio-head", "--lora-audio-mlp"]
+    trainer = example.build_trainer(example.parse_args(argv))
+    trainer.train()
+    trainer.save_model()
+    adapter = tmp_path / "lora_adapters"
+    summary = verify_adapter(adapter)
+    assert summary.modules_to_save == sorted(example.AUDIO_HEAD_MODULES)
+    assert summary.num_tensors == 40 + 3  # the LoRA pairs of --lora-audio-mlp, and the three modules whole
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    base = dict(example.tiny_higgs_model().named_parameters())
+    for module in example.AUDIO_HEAD_MODULES:
+        key = f"base_model.model.{module}.weight"
+        assert saved[key].shape == base[f"{module}.weight"].shape
+        assert not torch.equal(saved[key], base[f"{module}.weight"]), module  # trained
+
+    batch = training_batch(example)
+    reloaded = example.HiggsAudioModelWrapper(
+        PeftModel.from_pretrained(example.tiny_higgs_model(), str(adapter))
+    ).eval()
+    with torch.no_grad():
+        expected, actual = trainer.model.eval()(**batch), reloaded(**batch)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual.audio_logits, expected.audio_logits, rtol=1e-5, atol=1e-5)

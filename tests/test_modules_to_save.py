@@ -255,3 +255,53 @@ def test_resume_from_checkpoint_2_gives_the_uninterrupted_adapter(runs, adapter_
     resumed = load_file(str(tmp_path / "resumed" / "lora_adapters" / WEIGHTS))
     for key, value in run.recorder.by_step[4].items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def _layout_shapes(**extra):
+    shapes = {
+        "model.base_model.model.q.lora_A.default.weight": (4, 8),
+        "model.base_model.model.q.lora_B.default.weight": (8, 4),
+        "model.base_model.model.q.base_layer.weight": (8, 8),
+        "model.base_model.model.head.original_module.weight": (16, 8),
+    }
+    shapes.update(extra)
+    return shapes
+
+
+def test_find_lora_layout_takes_the_trained_copies_and_refuses_empty_or_foreign_ones():
+    from higgs_trainer.checkpoint import find_lora_layout
+    from higgs_trainer.errors import CheckpointError
+
+    layout = find_lora_layout(_layout_shapes(**{"model.base_model.model.head.modules_to_save.default.weight": (16, 8)}))
+    assert layout.modules_to_save == ("head",)
+    assert layout.keys["model.base_model.model.head.modules_to_save.default.weight"] == "base_model.model.head.weight"
+    assert "model.base_model.model.head.original_module.weight" not in layout.keys  # the frozen original is not read
+    with pytest.raises(CheckpointError, match="empty"):
+        find_lora_layout(_layout_shapes(**{"model.base_model.model.head.modules_to_save.default.weight": (0,)}))
+    with pytest.raises(CheckpointError, match="another adapter"):
+        find_lora_layout(_layout_shapes(**{"model.base_model.model.head.modules_to_save.other.weight": (16, 8)}))
+
+
+def test_extract_with_a_config_whose_modules_to_save_do_not_match_is_refused(runs, tmp_path, capsys):
+    run = runs("audio_mlp" if HIGGS_STACK else "dualffn")  # full checkpoints; audio_mlp has no modules_to_save
+    config = json.loads((run.out / "lora_adapters" / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["not_a_head"] if run.modules_to_save else HEADS
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(
+        capsys, "extract", run.out / "checkpoint-2", "-o", tmp_path / "x", "--adapter-config", tmp_path
+    )
+    assert code == 1 and "modules_to_save" in err and "is it from another run?" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_extract_of_a_run_that_never_trained_warns(tmp_path, capsys):
+    trainer = speech_trainer(
+        make_speech_model(KINDS["heads"][0], None), tmp_path / "old", trainer_cls=PlainWrapperTrainer, max_steps=2,
+        learning_rate=0.0,
+    )  # fmt: skip
+    trainer.train()
+    code, _, err = run_cli(
+        capsys, "extract", tmp_path / "old" / "checkpoint-2", "-o", tmp_path / "x", "--lora-alpha", "8"
+    )
+    assert code == 0 and "untrained" in err, err
+    assert run_cli(capsys, "verify", tmp_path / "x")[0] == 1

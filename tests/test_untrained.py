@@ -215,3 +215,13 @@ def test_untrained_check_covers_lora_on_the_audio_path(tmp_path):
     summary_config = json.loads((tmp_path / "checkpoint-2" / "lora_adapters" / "adapter_config.json").read_text())
     tensors = load_file(str(tmp_path / "checkpoint-2" / "lora_adapters" / "adapter_model.safetensors"))
     assert untrained_problem(summary_config, tensors) is not None
+
+
+def test_an_adapter_loaded_for_inference_is_refused_before_training_and_says_how_to_load_it(untrained_run, tmp_path):
+    from peft import PeftModel
+
+    out, _ = untrained_run
+    model = Wrapper(PeftModel.from_pretrained(tiny_base_model(), str(out / "lora_adapters")))  # is_trainable=False
+    trainer = HiggsLoraTrainer(model=model, args=training_args(tmp_path), train_dataset=RandomTokens())
+    with pytest.raises(HiggsTrainerError, match="is_trainable=True"):
+        trainer.train()

@@ -1,4 +1,9 @@
-"""DeepSpeed ZeRO-3 on 2 CPU processes through the real Trainer: complete adapters with either gather setting."""
+"""DeepSpeed ZeRO-3 on 2 CPU processes through the real Trainer: complete adapters with either gather setting.
+
+The two gather runs also train the heads through modules_to_save (on the Higgs stack HiggsAudioModel's
+audio head, text head and codebook embeddings, with its text + audio loss): peft 2450 saved them as
+torch.Size([0]) under ZeRO-3.
+"""
 
 import json
 
@@ -9,7 +14,9 @@ from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
 from tests.launch import torchrun
-from tests.models import logits_of, probe_batch, tiny_base_model
+from tests.models import heads_to_save, speech_logits_of, speech_probe, tiny_base_model
+
+HEADS = heads_to_save(tiny_base_model())
 
 pytest.importorskip("deepspeed")
 
@@ -19,7 +26,8 @@ def runs(tmp_path_factory):
     out = {}
     for gather in (1, 0):
         directory = tmp_path_factory.mktemp(f"zero3-gather{gather}")
-        torchrun("zero3_train.py", directory, *([] if gather else ["--no-gather"]), env={"DS_ACCELERATOR": "cpu"})
+        args = ["--heads", *([] if gather else ["--no-gather"])]
+        torchrun("zero3_train.py", directory, *args, env={"DS_ACCELERATOR": "cpu"})
         out[gather] = directory
     return out
 
@@ -29,15 +37,23 @@ def test_zero3_adapters_are_complete_in_every_checkpoint_and_round_trip(runs, ga
     directory = runs[gather]
     expected = [str(directory / sub / "lora_adapters") for sub in ("checkpoint-2", "checkpoint-4")]
     expected.append(str(directory / "lora_adapters"))
+    base = dict(tiny_base_model().named_parameters())
     for adapter in expected:
         summary = verify_adapter(adapter)
-        assert summary.num_tensors == 8 and summary.num_bytes > 0
+        assert summary.num_tensors == 8 + len(HEADS) and summary.modules_to_save == sorted(HEADS)
+        tensors = load_file(str(f"{adapter}/adapter_model.safetensors"))
+        for head in HEADS:  # full shape, not the torch.Size([0]) of a partitioned save; trained after warmup
+            weight = tensors[f"base_model.model.{head}.weight"]
+            assert weight.shape == base[f"{head}.weight"].shape
+            assert "checkpoint-2" in adapter or not torch.equal(weight, base[f"{head}.weight"]), (adapter, head)
     assert json.loads((directory / "rank-0.json").read_text())["saved"] == expected
     assert json.loads((directory / "rank-1.json").read_text())["saved"] == []  # only rank 0 wrote
-    trained = torch.load(directory / "trained_logits.pt")
+    trained = torch.load(directory / "trained_speech_logits.pt")
     loaded = PeftModel.from_pretrained(tiny_base_model(), str(directory / "lora_adapters"))
-    torch.testing.assert_close(logits_of(loaded, probe_batch()), trained, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits_of(tiny_base_model(), probe_batch()), trained, atol=1e-4)
+    untrained = speech_logits_of(tiny_base_model(), speech_probe())
+    for name, logits in speech_logits_of(loaded, speech_probe()).items():  # text and (Higgs stack) audio logits
+        torch.testing.assert_close(logits, trained[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert not torch.allclose(untrained[name], trained[name], atol=1e-4), name
 
 
 def test_both_gather_settings_save_the_same_adapters(runs):
@@ -50,10 +66,10 @@ def test_both_gather_settings_save_the_same_adapters(runs):
 
 def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactly(runs, tmp_path):
     env = {"DS_ACCELERATOR": "cpu"}
-    torchrun("zero3_train.py", tmp_path / "a", "--adapter-only", env=env)
+    torchrun("zero3_train.py", tmp_path / "a", "--adapter-only", "--heads", env=env)  # modules_to_save carried too
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert not (checkpoint / "model.safetensors").exists()
-    verify_adapter(checkpoint / "lora_adapters")
+    assert verify_adapter(checkpoint / "lora_adapters").modules_to_save == sorted(HEADS)
     # DeepSpeed's own checkpoint leaves the frozen base out: far smaller than the full run's
     module_states = sorted((checkpoint / "global_step2").glob("*model_states.pt"))
     full_states = sorted((runs[1] / "checkpoint-2" / "global_step2").glob("*model_states.pt"))
@@ -61,9 +77,10 @@ def test_zero3_adapter_only_checkpoints_exclude_frozen_weights_and_resume_exactl
         f.stat().st_size for f in full_states
     )
 
-    torchrun("zero3_train.py", tmp_path / "b", "--adapter-only", "--resume", checkpoint, env=env)
+    torchrun("zero3_train.py", tmp_path / "b", "--adapter-only", "--heads", "--resume", checkpoint, env=env)
     uninterrupted = load_file(str(tmp_path / "a" / "lora_adapters" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
+    assert sorted(resumed) == sorted(uninterrupted)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
 

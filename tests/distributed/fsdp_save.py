@@ -2,7 +2,9 @@
 
 Run by tests/test_fsdp.py: torchrun --nproc_per_node=2 tests/distributed/fsdp_save.py OUTPUT_DIR fsdp2|fsdp1
 accelerate falls back to DDP for FSDP on CPU, so this shards the wrapper with torch's own FSDP
-(FSDP1 is what accelerate's default FSDP plugin uses) and saves the two ways the trainer does: (1) from the full state dict gathered to rank 0, as
+(FSDP1 is what accelerate's default FSDP plugin uses) and saves the two ways the trainer does. The
+model trains its heads through modules_to_save too (HiggsAudioModel's audio head, text head and codebook
+embeddings with its text + audio loss on the Higgs stack), which must be gathered like the LoRA tensors: (1) from the full state dict gathered to rank 0, as
 ``Trainer.save_model`` does with ``FULL_STATE_DICT`` before calling ``_save``; (2) by gathering
 only the adapter's parameters, as with ``SHARDED_STATE_DICT`` (where ``_save`` is never called).
 """
@@ -20,14 +22,25 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from higgs_trainer import AdapterVerificationError, find_lora_model
 from higgs_trainer.gathering import gather_adapter_state_dict, is_sharded
 from higgs_trainer.saving import write_lora_adapters
-from tests.models import RandomTokens, logits_of, make_model, probe_batch
+from tests.models import (
+    TARGET_MODULES,
+    SpeechSamples,
+    heads_to_save,
+    logits_of,
+    make_speech_model,
+    probe_batch,
+    speech_collator,
+    speech_logits_of,
+    speech_probe,
+    tiny_base_model,
+)
 
 output_dir, version = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
-wrapper = make_model("model")
+wrapper = make_speech_model(TARGET_MODULES, heads_to_save(tiny_base_model()))
 layers = [m for m in wrapper.modules() if type(m).__name__.endswith("DecoderLayer")]
 if version == "fsdp2":
     for layer in layers:
@@ -44,10 +57,10 @@ else:  # FSDP1, wrapped per decoder layer with use_orig_params (what PEFT needs)
 assert is_sharded(wrapper)
 
 optimizer = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-2)
-data = RandomTokens()
+data, collate = SpeechSamples(), speech_collator() or torch.utils.data.default_collate
 wrapper.train()
 for step in range(2):
-    batch = {k: torch.stack([v]) for k, v in data[2 * step + rank].items()}
+    batch = collate([data[2 * step + rank]])
     root(**batch)["loss"].backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -81,7 +94,10 @@ adapter_state = gather_adapter_state_dict(
 if rank == 0:
     save(component, "sharded", adapter_state)
 
-logits = logits_of(root, probe_batch())  # FSDP all-gathers during the forward
+# FSDP all-gathers during the forward. A text-only probe too: boson's HiggsAudioModel takes its DualFFN audio path
+# only for layers that are `isinstance(layer, HiggsAudioDualFFNDecoderLayer)`, which an FSDP1 unit around each layer
+# is not, so FSDP1's own forward of audio tokens is not the model's (FSDP2 keeps the class); text alone is the same.
+logits = {"speech": speech_logits_of(root, speech_probe()), "text_only": logits_of(root, probe_batch())}
 if rank == 0:
     torch.save(logits, os.path.join(output_dir, "trained_logits.pt"))
 dist.barrier()

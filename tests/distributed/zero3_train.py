@@ -1,8 +1,10 @@
 """Train with HiggsLoraTrainer under DeepSpeed ZeRO-3 on 2 CPU processes (run by tests/test_zero3.py).
 
-Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_train.py OUTPUT_DIR [--no-gather] [--adapter-only] [--resume CKPT]
+Usage: torchrun --nproc_per_node=2 tests/distributed/zero3_train.py OUTPUT_DIR [--no-gather] [--adapter-only]
+       [--resume CKPT] [--heads]
 Rank 0 writes OUTPUT_DIR/trained_logits.pt; every rank writes OUTPUT_DIR/rank-N.json with the
-adapters it wrote.
+adapters it wrote. With --heads the model also trains its heads through modules_to_save (on the
+Higgs stack HiggsAudioModel with its text + audio loss) and rank 0 writes OUTPUT_DIR/trained_speech_logits.pt.
 """
 
 import argparse
@@ -13,13 +15,30 @@ import torch
 from accelerate import PartialState
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import EarliestIsBest, RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
+from tests.models import (
+    TARGET_MODULES,
+    EarliestIsBest,
+    RandomTokens,
+    SavedAdapters,
+    SpeechSamples,
+    heads_to_save,
+    logits_of,
+    make_model,
+    make_speech_model,
+    probe_batch,
+    speech_collator,
+    speech_logits_of,
+    speech_probe,
+    tiny_base_model,
+    training_args,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("output_dir")
 parser.add_argument("--no-gather", action="store_true", help="stage3_gather_16bit_weights_on_model_save: false")
 parser.add_argument("--adapter-only", action="store_true", help="HiggsLoraTrainer(adapter_only_checkpoints=True)")
 parser.add_argument("--resume", help="checkpoint to resume from")
+parser.add_argument("--heads", action="store_true", help="modules_to_save heads, text + audio loss")
 parser.add_argument("--best-is-earliest", action="store_true", help="evaluate every 2 steps; load_best_model_at_end")
 options = parser.parse_args()
 output_dir, gather = options.output_dir, not options.no_gather
@@ -60,20 +79,26 @@ args = training_args(
         else {}
     ),
 )
-model = make_model("model")
+if options.heads:
+    model = make_speech_model(TARGET_MODULES, heads_to_save(tiny_base_model()))
+    data = dict(train_dataset=SpeechSamples(), data_collator=speech_collator())
+else:
+    model = make_model("model")
+    data = dict(train_dataset=RandomTokens())
 trainer = HiggsLoraTrainer(
     model=model,
     args=args,
-    train_dataset=RandomTokens(),
+    **data,
     adapter_only_checkpoints=options.adapter_only,
     **(dict(eval_dataset=RandomTokens(n=4, seed=5), callbacks=[EarliestIsBest()]) if options.best_is_earliest else {}),
 )
 with SavedAdapters() as saved:
     trainer.train(resume_from_checkpoint=options.resume)
     trainer.save_model()
-logits = logits_of(model, probe_batch())  # every rank runs the forward: ZeRO-3 gathers layer by layer
+# every rank runs the forward: ZeRO-3 gathers layer by layer
+logits = speech_logits_of(model, speech_probe()) if options.heads else logits_of(model, probe_batch())
 if rank == 0:
-    torch.save(logits, os.path.join(output_dir, "trained_logits.pt"))
+    torch.save(logits, os.path.join(output_dir, "trained_speech_logits.pt" if options.heads else "trained_logits.pt"))
 with open(os.path.join(output_dir, f"rank-{rank}.json"), "w") as handle:
     json.dump({"rank": rank, "saved": saved.paths}, handle)
 # Leave the process group before exiting: a gloo group torn down at interpreter exit can abort a rank
