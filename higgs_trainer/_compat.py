@@ -171,8 +171,10 @@ def load_optimizer_and_scheduler_on_cpu(trainer: Any, checkpoint: str) -> bool:
     differ); anything else, or a checkpoint without both files, is left to ``Trainer``.
 
     Examples:
-        >>> if not load_optimizer_and_scheduler_on_cpu(trainer, "out/checkpoint-2"):  # doctest: +SKIP
-        ...     Trainer._load_optimizer_and_scheduler(trainer, "out/checkpoint-2")
+        ```python
+        if not load_optimizer_and_scheduler_on_cpu(trainer, "out/checkpoint-2"):
+            Trainer._load_optimizer_and_scheduler(trainer, "out/checkpoint-2")
+        ```
     """
     device = trainer.args.device
     if (

@@ -10,9 +10,10 @@ converted ``adapter_config.json`` selects, and with ``base`` peft itself finds z
 zero unexpected adapter keys on that base.
 
 Examples:
-    >>> convert_layout("run/lora_adapters", "transformers", "adapter-hf")  # doctest: +SKIP
-    ConvertResult(kind='adapter', ...)
-    >>> PeftModel.from_pretrained(HiggsAudioV2ForConditionalGeneration.from_pretrained("base-hf"), "adapter-hf")  # doctest: +SKIP
+    ```python
+    convert_layout("run/lora_adapters", "transformers", "adapter-hf")  # ConvertResult(kind='adapter', ...)
+    PeftModel.from_pretrained(HiggsAudioV2ForConditionalGeneration.from_pretrained("base-hf"), "adapter-hf")
+    ```
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class ConvertResult:
     the tokenizer/processor files; ``verified_on_base`` is True when peft loaded the adapters onto ``base``.
 
     Examples:
-        >>> result = convert_layout("run", "transformers", "run-hf")  # doctest: +SKIP
-        >>> result.kind, result.outputs  # doctest: +SKIP
-        ('adapters', ['run-hf/lora_adapters', 'run-hf/checkpoint-2/lora_adapters'])
+        ```python
+        result = convert_layout("run", "transformers", "run-hf")
+        result.kind, result.outputs  # ('adapters', ['run-hf/lora_adapters', 'run-hf/checkpoint-2/lora_adapters'])
+        ```
     """
 
     source: str
@@ -105,9 +107,10 @@ def convert_layout(
     missing and zero unexpected adapter keys.
 
     Examples:
-        >>> result = convert_layout("out", "transformers", "out-hf")  # doctest: +SKIP
-        >>> result.outputs  # doctest: +SKIP
-        ['out-hf/lora_adapters', 'out-hf/checkpoint-2/lora_adapters']
+        ```python
+        convert_layout("out", "transformers", "out-hf").outputs
+        # ['out-hf/lora_adapters', 'out-hf/checkpoint-2/lora_adapters']
+        ```
     """
     started = time.perf_counter()
     if to not in LAYOUTS:
@@ -306,7 +309,9 @@ def check_adapter_on_model(
     """peft's own check: the adapter's keys are exactly those peft saves for ``model`` (built on the meta device).
 
     Examples:
-        >>> check_adapter_on_model(converted, new_config, empty_v2_model)  # doctest: +SKIP
+        ```python
+        check_adapter_on_model(converted, new_config, empty_v2_model)  # raises when a key is missing or unexpected
+        ```
     """
     import copy
 

@@ -113,7 +113,12 @@ def check_lora_trainable(
     training would run and save an adapter that never changes.
 
     Examples:
-        >>> check_lora_trainable(peft_model, torch.optim.AdamW(peft_model.parameters()))  # doctest: +SKIP
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> check_lora_trainable(peft_model, torch.optim.AdamW(p for p in peft_model.parameters() if p.requires_grad))
+        >>> check_lora_trainable(peft_model, torch.optim.AdamW(peft_model.base_model.model.q_proj.base_layer.parameters()))
+        Traceback (most recent call last):
+        higgs_trainer.errors.HiggsTrainerError: 2 of 2 LoRA parameter(s) are not in the optimizer's param_groups, so they never train: ...
     """
     params = lora_parameters(model, adapters)
     frozen = [name for name, param in params if not param.requires_grad]
