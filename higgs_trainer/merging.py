@@ -12,6 +12,7 @@ tokenizer and generation config files and a ``merge_info.json``.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from peft.utils import get_peft_model_state_dict
 
 from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
 from .atomic import find_directory, staged_directory
-from .checkpoint import existing_directory, output_directory
+from .checkpoint import CheckpointWeights, existing_directory, output_directory
 from .errors import (
     AdapterVerificationError,
     CheckpointError,
@@ -167,7 +168,28 @@ def empty_base_model(base_dir: str | os.PathLike) -> torch.nn.Module:
     """
     config, cls = model_class_for(base_dir)
     with init_empty_weights():
-        return cls(config)
+        return cls(config, **model_init_kwargs(base_dir, cls))
+
+
+def model_init_kwargs(base_dir: str | os.PathLike, cls: type) -> dict[str, Any]:
+    """Constructor arguments the model in ``base_dir`` needs beyond its config, read from its weights' keys.
+
+    transformers' ``HiggsAudioV2ForConditionalGeneration`` builds ``text_lm_head`` only with
+    ``use_text_head=True``, which its config does not record: built or loaded from the config alone,
+    a base trained with a text head loses it (and a ``modules_to_save`` on it lands nowhere). Only
+    the weight files' headers are read; a directory without weights gets ``{}``.
+
+    Examples:
+        >>> model_init_kwargs("no-such-dir", torch.nn.Linear)
+        {}
+    """
+    if "use_text_head" not in inspect.signature(cls.__init__).parameters:
+        return {}
+    try:
+        with CheckpointWeights(base_dir) as weights:
+            return {"use_text_head": True} if "text_lm_head.weight" in weights.shapes else {}
+    except CheckpointError:
+        return {}
 
 
 def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -190,7 +212,7 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
         **from_pretrained_kwargs(dtype or "auto"),
     }
     try:
-        model, info = cls.from_pretrained(str(base_dir), config=config, **kwargs)
+        model, info = cls.from_pretrained(str(base_dir), config=config, **kwargs, **model_init_kwargs(base_dir, cls))
     except Exception as exc:  # OSError for missing files, safetensors/RuntimeError for corrupt or mismatched ones
         raise CheckpointError(f"cannot load the base model from {base_dir}: {first_line(exc)}") from exc
     # transformers < 5 with low_cpu_mem_usage reports no missing keys for weights absent from the files: they stay
@@ -228,7 +250,7 @@ def check_base_complete(base_dir: str | os.PathLike, stored: Iterable[str]) -> N
         logger.warning("not checking that %s holds every weight of its model: %s", base_dir, first_line(exc))
         return
     with torch.device("meta"):  # not accelerate's init_empty_weights, which re-creates parameters and unties them
-        model = cls(config)
+        model = cls(config, **model_init_kwargs(base_dir, cls))
     names_of: dict[int, list[str]] = {}  # one entry per distinct tensor: tied weights share one
     for name, tensor in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(tensor), []).append(name)

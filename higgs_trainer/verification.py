@@ -340,6 +340,20 @@ def _full_weight_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     )
 
 
+def _saved_ancestor(path: str, wanted: list[str]) -> str | None:
+    """The outermost module on ``path`` (itself included) that a ``modules_to_save`` entry names, if any.
+
+    peft wraps the module an entry names, whose weights may sit in submodules of it
+    (``model.embed_audio_tokens.embed_audio_tokens.weight`` of HiggsAudioV2's audio embeddings).
+    """
+    parts = path.split(".")
+    for end in range(1, len(parts) + 1):
+        module = ".".join(parts[:end])
+        if any(module == entry or module.endswith("." + entry) for entry in wanted):
+            return module
+    return None
+
+
 def saved_modules(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], str | None]:
     """The adapter's ``modules_to_save`` modules found in its tensors, and a problem when the config's are all absent.
 
@@ -352,17 +366,16 @@ def saved_modules(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> tuple
     Examples:
         >>> saved_modules({"modules_to_save": ["lm_head"]}, {"base_model.model.lm_head.weight": torch.ones(2, 2)})
         (['lm_head'], None)
+        >>> saved_modules({"modules_to_save": ["model.embed_audio_tokens"]},
+        ...               {"base_model.model.model.embed_audio_tokens.embed_audio_tokens.weight": torch.ones(2, 2)})
+        (['model.embed_audio_tokens'], None)
         >>> saved_modules({"modules_to_save": ["lm_head"]}, {})[1]
         "adapter_config.json lists modules_to_save ['lm_head'] but none of them is in the file: the trained weights were lost"
     """
     wanted = config.get("modules_to_save") or []
     if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted):
         return [], None
-    found = [
-        module
-        for module in _full_weight_modules(tensors)
-        if any(module == entry or module.endswith("." + entry) for entry in wanted)
-    ]
+    found = sorted({module for path in _full_weight_modules(tensors) if (module := _saved_ancestor(path, wanted))})
     if wanted and not found:
         return [], (
             f"adapter_config.json lists modules_to_save {sorted(wanted)} but none of them is in the file: "

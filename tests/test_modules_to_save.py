@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from higgs_trainer import HiggsLoraTrainer, find_lora_model, verify_adapter
+from higgs_trainer.merging import model_init_kwargs
 from higgs_trainer.saving import clone_shared_tensors, expected_adapter_shapes
 from tests.cli import run_cli
 from tests.models import (
-    HIGGS_STACK,
     SpeechSamples,
     assert_same_tensors,
     heads_to_save,
@@ -43,11 +43,10 @@ KINDS = {
     "dualffn": (["gate_proj", "up_proj", "down_proj"], HEADS),
     "audio_mlp": (r".*\.audio_mlp\.(gate|up|down)_proj", None),
 }
-needs_audio = pytest.mark.skipif(not HIGGS_STACK, reason="the DualFFN audio path exists only in HiggsAudioModel")
 KIND_PARAMS = [
     "heads",
     "dualffn",
-    pytest.param("audio_mlp", marks=needs_audio),
+    "audio_mlp",
 ]
 
 
@@ -120,6 +119,15 @@ def head_keys(tensors):
     return sorted(k for k in tensors if ".lora_" not in k)
 
 
+def expected_head_keys(modules_to_save):
+    """The adapter keys of the whole weights of ``modules_to_save``, as the base model names them (a module's weight
+    may sit in a submodule: HiggsAudioV2's ``model.embed_audio_tokens.embed_audio_tokens.weight``)."""
+    names = tiny_base_model().state_dict()
+    return sorted(
+        f"base_model.model.{name}" for m in modules_to_save or [] for name in names if name.startswith(m + ".")
+    )
+
+
 @pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_every_checkpoint_holds_the_modules_to_save_and_lora_of_its_step(runs, kind):
     run = runs(kind)
@@ -130,13 +138,13 @@ def test_every_checkpoint_holds_the_modules_to_save_and_lora_of_its_step(runs, k
         saved = load_file(str(adapter / WEIGHTS))
         assert_same_tensors(saved, run.recorder.by_step[step])
         heads = head_keys(saved)
-        assert heads == sorted(f"base_model.model.{m}.weight" for m in run.modules_to_save or [])
+        assert heads == expected_head_keys(run.modules_to_save)
         for key in heads:  # full shape, and trained: not the base's weight any more
             base = base_weights[key[len("base_model.model.") :]]
             assert saved[key].shape == base.shape and not torch.equal(saved[key], base.detach()), key
     if kind != "heads":
         audio = [k for k in saved if ".audio_mlp." in k and ".lora_B." in k]
-        assert len(audio) == (6 if HIGGS_STACK else 0) and all(saved[k].any() for k in audio)
+        assert len(audio) == 6 and all(saved[k].any() for k in audio)  # both stacks' models have DualFFN layers
 
 
 @pytest.mark.parametrize("kind", KIND_PARAMS)
@@ -194,7 +202,7 @@ class PlainWrapperTrainer(Trainer):
         super()._save(output_dir, clone_shared_tensors(self.model.state_dict()))
 
 
-@pytest.mark.parametrize("kind", ["heads", pytest.param("audio_mlp", marks=needs_audio)])
+@pytest.mark.parametrize("kind", ["heads", "audio_mlp"])
 def test_extract_rescues_modules_to_save_and_audio_lora_from_a_full_checkpoint(runs, kind, tmp_path, capsys):
     run = runs(kind)
     targets, modules_to_save = KINDS[kind]
@@ -207,7 +215,7 @@ def test_extract_rescues_modules_to_save_and_audio_lora_from_a_full_checkpoint(r
     code, out, err = run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "rescued", "--lora-alpha", "8")
     assert code == 0, err
     rescued = load_file(str(tmp_path / "rescued" / WEIGHTS))
-    assert head_keys(rescued) == sorted(f"base_model.model.{m}.weight" for m in modules_to_save or [])
+    assert head_keys(rescued) == expected_head_keys(modules_to_save)
     assert_logits_equal(speech_logits_of(on_bare_base(tmp_path / "rescued"), speech_probe()), trained)
     assert run_cli(capsys, "verify", tmp_path / "rescued")[0] == 0
 
@@ -219,12 +227,13 @@ def test_extract_rescues_modules_to_save_and_audio_lora_from_a_full_checkpoint(r
     assert_same_tensors(load_file(str(tmp_path / "with-config" / WEIGHTS)), rescued)
 
 
-@pytest.mark.parametrize("kind", ["dualffn", pytest.param("audio_mlp", marks=needs_audio)])
+@pytest.mark.parametrize("kind", ["dualffn", "audio_mlp"])
 def test_merge_applies_modules_to_save_and_audio_lora(runs, kind, base_dir, tmp_path, capsys):
     run = runs(kind)
     code, out, err = run_cli(capsys, "merge", "--base", base_dir, "--adapter", run.out, "-o", tmp_path / "m")
     assert code == 0, err
-    merged = type(tiny_base_model()).from_pretrained(str(tmp_path / "m"), local_files_only=True)
+    cls = type(tiny_base_model())
+    merged = cls.from_pretrained(str(tmp_path / "m"), local_files_only=True, **model_init_kwargs(tmp_path / "m", cls))
     weights = dict(merged.named_parameters())
     trained = run.recorder.by_step[4]
     for key in head_keys(trained):
@@ -283,7 +292,7 @@ def test_find_lora_layout_takes_the_trained_copies_and_refuses_empty_or_foreign_
 
 
 def test_extract_with_a_config_whose_modules_to_save_do_not_match_is_refused(runs, tmp_path, capsys):
-    run = runs("audio_mlp" if HIGGS_STACK else "dualffn")  # full checkpoints; audio_mlp has no modules_to_save
+    run = runs("audio_mlp")  # full checkpoints; audio_mlp has no modules_to_save
     config = json.loads((run.out / "lora_adapters" / "adapter_config.json").read_text())
     config["modules_to_save"] = ["not_a_head"] if run.modules_to_save else HEADS
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))

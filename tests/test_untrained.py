@@ -17,7 +17,7 @@ from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, merge_adapter
 from higgs_trainer.errors import AdapterVerificationError
 from higgs_trainer.untrained import starts_from_zero, untrained_problem
 from tests.cli import run_cli
-from tests.models import HIGGS_STACK, RandomTokens, Wrapper, lora_config, make_model, tiny_base_model, training_args
+from tests.models import RandomTokens, Wrapper, lora_config, make_model, tiny_base_model, training_args
 
 UNTRAINED_WARNING = "never trained: every lora_B is still zero"
 
@@ -204,7 +204,6 @@ def test_frozen_lora_parameters_are_refused_before_training(tmp_path):
         trainer.train()
 
 
-@pytest.mark.skipif(not HIGGS_STACK, reason="the DualFFN audio path exists only in HiggsAudioModel")
 def test_untrained_check_covers_lora_on_the_audio_path(tmp_path):
     config = lora_config()
     config.target_modules = {"gate_proj", "up_proj", "down_proj"}
