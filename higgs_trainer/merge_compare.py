@@ -1,0 +1,136 @@
+"""``merge --compare``: the outputs of the base, the base with the adapter, and the merged model, on fixed probes.
+
+A text probe for every model and, for a Higgs model, an audio-out probe. The models are loaded in
+memory one after another; only ``--compare`` does this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from .errors import AdapterVerificationError, first_line
+
+AUDIO_PROBE_FRAMES = 6
+
+
+def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict:
+    """Logits of the base, the base with the adapter and the merged model (loaded from ``merged_dir``) on a probe.
+
+    Loads the models in memory, one after another (only ``--compare`` does); the merged one through
+    `merging.load_base_model`, which refuses weights that leave any parameter uninitialised.
+
+    Examples:
+        >>> compare_outputs(Path("base"), Path("out/lora_adapters"), Path("merged"))["adapter_vs_merged"]  # doctest: +SKIP
+        {'max_abs': 0.0, 'mean_abs': 0.0}
+    """
+    from .merging import _difference, _logits, load_base_model, probe_inputs  # merging imports this module
+
+    model = load_base_model(base_dir)
+    probe = probe_inputs(model.config)
+    audio_probe = audio_probe_inputs(model)
+    logits, audio = {"base": _logits(model, probe)}, {}
+    if audio_probe is not None:
+        audio["base"] = _audio_logits(model, audio_probe)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise AdapterVerificationError(f"the adapter at {adapter_dir} does not load: {first_line(exc)}") from exc
+    logits["adapter"] = _logits(peft_model, probe)
+    if audio_probe is not None:
+        audio["adapter"] = _audio_logits(peft_model, audio_probe)
+    del model, peft_model
+    merged = load_base_model(merged_dir)
+    logits["merged"] = _logits(merged, probe)
+    comparison = {
+        "probe_tokens": probe["input_ids"].shape[1],
+        "base_vs_merged": _difference(logits["base"], logits["merged"]),
+        "adapter_vs_merged": _difference(logits["adapter"], logits["merged"]),
+    }
+    if audio_probe is not None:
+        audio["merged"] = _audio_logits(merged, audio_probe)
+        comparison["audio_probe_frames"] = AUDIO_PROBE_FRAMES
+        comparison["audio_base_vs_merged"] = _difference(audio["base"], audio["merged"])
+        comparison["audio_adapter_vs_merged"] = _difference(audio["adapter"], audio["merged"])
+    return comparison
+
+
+def audio_probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A fixed text prompt with an audio-out segment of random codes, for a Higgs model; None for other models.
+
+    boson_multimodal's ``HiggsAudioModel``: ``<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>`` in the
+    text, collated with its ``HiggsAudioSampleCollator`` (delay pattern and stream tokens as the
+    config says). transformers' ``HiggsAudioV2ForConditionalGeneration``: audio placeholder tokens with
+    ``audio_input_ids``. The model's audio logits on it are compared by `compare_outputs`.
+    """
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    ids = probe_inputs_for(config)
+    if type(model).__name__ == "HiggsAudioModel":
+        from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+        ids[5:8] = torch.tensor([config.audio_out_bos_token_id, config.audio_out_token_idx, config.audio_eos_token_id])
+        codes = torch.randint(
+            0, config.audio_codebook_size, (config.audio_num_codebooks, AUDIO_PROBE_FRAMES), generator=generator
+        )
+        sample = ChatMLDatasetSample(
+            input_ids=ids, label_ids=ids.clone(), audio_ids_concat=codes, audio_ids_start=torch.tensor([0]),
+            audio_waveforms_concat=torch.zeros(0), audio_waveforms_start=torch.zeros(0, dtype=torch.long),
+            audio_sample_rate=torch.zeros(0), audio_speaker_indices=torch.zeros(0, dtype=torch.long),
+        )  # fmt: skip
+        collator = HiggsAudioSampleCollator(
+            whisper_processor=None, encode_whisper_embed=False, audio_in_token_id=config.audio_in_token_idx,
+            audio_out_token_id=config.audio_out_token_idx, audio_stream_bos_id=config.audio_stream_bos_id,
+            audio_stream_eos_id=config.audio_stream_eos_id, pad_token_id=config.pad_token_id,
+            return_audio_in_tokens=False, use_delay_pattern=config.use_delay_pattern,
+            audio_num_codebooks=config.audio_num_codebooks, round_to=8,
+        )  # fmt: skip
+        batch = collator([sample])
+        inputs = {
+            name: getattr(batch, name)
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "audio_out_ids",
+                "audio_out_ids_start",
+                "audio_out_ids_start_group_loc",
+            )
+        }
+        if not config.skip_audio_tower:  # the Whisper tower wants a (here empty) features batch
+            frames = 2 * config.audio_encoder_config.max_source_positions
+            bins = config.audio_encoder_config.num_mel_bins
+            inputs["audio_features"] = torch.zeros((0, bins, frames), dtype=model.dtype)
+            inputs["audio_feature_attention_mask"] = torch.zeros((0, frames), dtype=torch.long)
+        return inputs
+    if type(model).__name__ == "HiggsAudioV2ForConditionalGeneration":
+        ids[4 : 4 + AUDIO_PROBE_FRAMES] = config.audio_token_id
+        codes = torch.randint(
+            0, config.codebook_size, (1, AUDIO_PROBE_FRAMES, config.num_codebooks), generator=generator
+        )
+        return {
+            "input_ids": ids[None],
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "audio_input_ids": codes,
+            "audio_input_ids_mask": torch.ones(1, AUDIO_PROBE_FRAMES, dtype=torch.bool),
+        }
+    return None
+
+
+def probe_inputs_for(config) -> torch.Tensor:
+    """The text probe's token ids (one sequence), from `merging.probe_inputs`."""
+    from .merging import probe_inputs  # merging imports this module
+
+    return probe_inputs(config)["input_ids"][0].clone()
+
+
+@torch.inference_mode()
+def _audio_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    output = model(**inputs)
+    audio = getattr(output, "audio_logits", None)
+    return (output.logits if audio is None else audio).float()
+
+
+__all__ = ["AUDIO_PROBE_FRAMES", "audio_probe_inputs", "compare_outputs"]
