@@ -23,8 +23,10 @@ def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict
     `merging.load_base_model`, which refuses weights that leave any parameter uninitialised.
 
     Examples:
-        >>> compare_outputs(Path("base"), Path("out/lora_adapters"), Path("merged"))["adapter_vs_merged"]  # doctest: +SKIP
-        {'max_abs': 0.0, 'mean_abs': 0.0}
+        ```python
+        compare_outputs(Path("base"), Path("out/lora_adapters"), Path("merged"))["adapter_vs_merged"]
+        # {'max_abs': 0.0, 'mean_abs': 0.0}
+        ```
     """
     from .merging import _difference, _logits, load_base_model, probe_inputs  # merging imports this module
 

@@ -294,9 +294,10 @@ def plan_merge(
     """Match every adapter tensor to the base tensor it changes, and say how; refuse what cannot be matched.
 
     Examples:
-        >>> plan = plan_merge(config, read_adapter_tensors(adapter), read_base_tensors(base, files), adapter)  # doctest: +SKIP
-        >>> sorted(plan.deltas)[0]  # doctest: +SKIP
-        'layers.0.self_attn.q_proj.weight'
+        ```python
+        plan = plan_merge(config, read_adapter_tensors(adapter), read_base_tensors(base, files), adapter)
+        sorted(plan.deltas)[0]  # 'layers.0.self_attn.q_proj.weight'
+        ```
     """
     check_streamable_config(config, adapter_dir)
     plan = MergePlan()
@@ -663,8 +664,9 @@ def stream_merge(
     installed transformers' ``save_pretrained``.
 
     Examples:
-        >>> merge_adapter("base", "out/lora_adapters", "merged").method  # doctest: +SKIP
-        'streaming'
+        ```python
+        merge_adapter("base", "out/lora_adapters", "merged").method  # 'streaming' for a safetensors base
+        ```
     """
     from .merging import MergeResult, _copy_support_files, _versions
     from .verification import human_size, read_adapter_config, read_adapter_tensors, saved_modules
