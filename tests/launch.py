@@ -23,7 +23,11 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300, env: d
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", str(ROOT / "tests" / "distributed" / script), *map(str, args),
     ]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    # DeepSpeed JIT-builds its CPU shared-memory op on first use (about a minute on 2 cores) into torch's extension
+    # cache; one cache per environment, so that the two stacks' suites do not rebuild it for each other.
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": extensions}
+    full_env.update(env or {})
     result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{script} failed (exit {result.returncode}):\n{output[-6000:]}"
