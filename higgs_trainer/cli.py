@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -164,6 +165,7 @@ def _summary_line(summary: AdapterSummary) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    echo = args.echo
     for path in args.paths:
         if not find_directory(path).exists():
             raise UsageError(f"{path} does not exist")
@@ -172,13 +174,13 @@ def _verify(args: argparse.Namespace) -> int:
     failed = [s for s in summaries if not s.ok]
     if args.json:
         results = [dict(asdict(s), ok=s.ok) for s in summaries]
-        print(json.dumps({"ok": not failed, "base": args.base, "results": results}, indent=2))
+        echo(json.dumps({"ok": not failed, "base": args.base, "results": results}, indent=2))
     else:
         for summary in summaries:
-            print(_summary_line(summary))
+            echo(_summary_line(summary))
             for problem in summary.problems:
-                print(f"  - {problem}")
-        print(f"{len(summaries) - len(failed)} passed, {len(failed)} failed")
+                echo(f"  - {problem}")
+        echo(f"{len(summaries) - len(failed)} passed, {len(failed)} failed")
     if failed:
         print(f"{PROG} verify: {len(failed)} of {len(summaries)} adapter(s) failed verification", file=sys.stderr)
         return 1
@@ -186,6 +188,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    echo = args.echo
     result = extract_adapter(
         args.checkpoint,
         args.output,
@@ -195,22 +198,23 @@ def _extract(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        echo(json.dumps(asdict(result), indent=2))
         return 0
     targets = result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
-    print(
+    echo(
         f"Extracted {result.num_tensors} LoRA tensors ({result.num_parameters:,} parameters, "
         f"{human_size(result.num_bytes)}) from {result.checkpoint} (prefix {result.prefix!r}, "
         f"{human_size(result.checkpoint_bytes)} of weights) into {result.path} in {result.seconds:.2f} s"
     )
-    print(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
+    echo(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
     if result.modules_to_save:
-        print(f"  modules_to_save (trained copies taken whole): {', '.join(result.modules_to_save)}")
-    print(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
+        echo(f"  modules_to_save (trained copies taken whole): {', '.join(result.modules_to_save)}")
+    echo(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
+    echo = args.echo
     max_shard_size = args.max_shard_size
     if max_shard_size is not None:
         max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
@@ -229,16 +233,16 @@ def _merge(args: argparse.Namespace) -> int:
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
         logging.getLogger(__name__).warning("the merge changed no logit on the probe: is the adapter trained?")
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        echo(json.dumps(asdict(result), indent=2))
         return 0
     saved = f", {len(result.modules_to_save)} modules_to_save" if result.modules_to_save else ""
-    print(
+    echo(
         f"Merged {result.adapter} ({result.merged_modules} LoRA modules{saved}) into {result.base} ({result.model_class}, "
         f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s ({result.method})"
     )
     if comparison:
         base, adapter = comparison["base_vs_merged"], comparison["adapter_vs_merged"]
-        print(
+        echo(
             f"  logits on a {comparison['probe_tokens']}-token probe: base vs merged max |diff| {base['max_abs']:.4g} "
             f"(mean {base['mean_abs']:.4g}); adapter vs merged max |diff| {adapter['max_abs']:.4g}"
         )
@@ -246,23 +250,24 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    echo = args.echo
     result = convert_layout(args.source, args.to, args.output, base=args.base, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        echo(json.dumps(asdict(result), indent=2))
         return 0
     what = "model" if result.kind == "model" else f"{len(result.outputs)} adapter(s)"
-    print(
+    echo(
         f"Converted {what} ({result.num_tensors} tensors, {result.renamed} renamed) from {result.source} to the "
         f"{result.to} layout in {result.path} in {result.seconds:.2f} s"
     )
     for path in result.outputs if result.kind == "adapters" else []:
-        print(f"  {path}")
+        echo(f"  {path}")
     if result.concatenated:
-        print(f"  joined boson's split weights into {', '.join(result.concatenated)}")
+        echo(f"  joined boson's split weights into {', '.join(result.concatenated)}")
     if result.skipped:
-        print(f"  skipped {len(result.skipped)} buffer(s) recomputed from the config")
+        echo(f"  skipped {len(result.skipped)} buffer(s) recomputed from the config")
     if result.verified_on_base:
-        print(f"  loads onto {args.base} with zero missing and zero unexpected adapter keys")
+        echo(f"  loads onto {args.base} with zero missing and zero unexpected adapter keys")
     return 0
 
 
@@ -364,11 +369,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: name a command: verify, extract, merge or convert", file=sys.stderr)
         return 2
-    with _console(args.verbose, args.debug), _interruptible():
+    # What the command prints goes to stdout; anything else printed meanwhile (DeepSpeed and boson_multimodal log to
+    # stdout when first imported) goes to stderr, so `--json` output stays one JSON document.
+    stdout = sys.stdout
+    args.echo = functools.partial(print, file=stdout)
+    with _console(args.verbose, args.debug), _interruptible(), contextlib.redirect_stdout(sys.stderr):
         try:
             return args.handler(args)
         except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
             return 1
         except UsageError as exc:
             return _fail(args.command, exc, 2, args.debug)

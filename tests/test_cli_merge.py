@@ -314,3 +314,15 @@ def test_an_adapter_with_saved_embedding_layers_merges(tmp_path, capsys):
     torch.testing.assert_close(
         logits_of(merged, probe_batch()), logits_of(peft_model, probe_batch()), rtol=1e-4, atol=1e-4
     )
+
+
+def test_json_output_is_one_document_when_libraries_print_on_import(bases, adapter_dir, tmp_path):
+    """A fresh process, where loading the model first imports DeepSpeed (and boson_multimodal on the Higgs stack), which
+    print to stdout: the command's stdout is still only its JSON."""
+    argv = ["merge", "--base", str(bases[torch.float32]), "--adapter", str(adapter_dir), "-o", str(tmp_path / "m")]
+    script = "import sys, higgs_trainer_cli; sys.argv[1:] = " + repr([*argv, "--compare", "--json"])
+    script += "; raise SystemExit(higgs_trainer_cli.main())"
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["compare"]["adapter_vs_merged"]["max_abs"] < 1e-3
