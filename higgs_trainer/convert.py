@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import struct
 import time
 from collections.abc import Iterable
@@ -40,6 +39,7 @@ from .atomic import staged_directory
 from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
+from .merging import copy_support_files
 from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
 from .verification import (
     adapter_dirs_of,
@@ -256,7 +256,7 @@ def _convert_adapter(
     target.mkdir(parents=True, exist_ok=True)
     save_file(converted, str(target / SAFETENSORS_NAME), metadata={"format": "pt"})
     (target / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-    result.copied += _copy_support_files(source, target)
+    result.copied += copy_support_files(source, target, SUPPORT_FILES)
     result.num_tensors += len(converted)
     result.renamed += sum(_new_key(k, to) != k for k in tensors)
 
@@ -517,7 +517,7 @@ def _convert_model(source: Path, target: Path, to: str, result: ConvertResult) -
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (target / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (target / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-    result.copied += _copy_support_files(source, target)
+    result.copied += copy_support_files(source, target, SUPPORT_FILES)
     _check_written(target, new_config, to)
     if to == BOSON and not any(key.endswith("text_lm_head.weight") for key in weight_map):
         logger.warning(
@@ -534,16 +534,6 @@ def _check_written(target: Path, config: dict, to: str) -> None:
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             items += [_Planned(k, tuple(reader.get_slice(k).get_shape()), "", []) for k in reader.keys()]
     _check_against_config(items, config, to, str(target))
-
-
-def _copy_support_files(source: Path, target: Path) -> list[str]:
-    copied = []
-    for pattern in SUPPORT_FILES:
-        for path in sorted(source.glob(pattern)):
-            if path.is_file() and not path.name.endswith((".safetensors", ".bin", ".index.json")):
-                shutil.copy2(path, target / path.name)
-                copied.append(path.name)
-    return sorted(set(copied))
 
 
 __all__ = ["ConvertResult", "check_adapter_on_model", "convert_layout", "convert_adapter_tensors"]

@@ -362,9 +362,16 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 # writing
 
 
-def _copy_support_files(base_dir: Path, directory: Path) -> list[str]:
+def copy_support_files(base_dir: Path, directory: Path, patterns: tuple[str, ...] = SUPPORT_FILES) -> list[str]:
+    """Copy the files of ``base_dir`` matching ``patterns`` (tokenizer, processor, ...; never weights) into ``directory``.
+
+    Examples:
+        >>> _ = Path("base").mkdir(), Path("base/tokenizer.json").write_text("{}"), Path("out").mkdir()
+        >>> copy_support_files(Path("base"), Path("out"))
+        ['tokenizer.json']
+    """
     copied = []
-    for pattern in SUPPORT_FILES:
+    for pattern in patterns:
         for source in sorted(base_dir.glob(pattern)):
             if source.is_file() and not source.name.endswith((".safetensors", ".bin", ".index.json")):
                 shutil.copy2(source, directory / source.name)
@@ -378,6 +385,37 @@ def _dtype_name(model: torch.nn.Module) -> str:
         if param.is_floating_point():
             counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
     return str(max(counts, key=counts.get)).replace("torch.", "") if counts else "unknown"
+
+
+def merge_info(
+    base_dir: Path,
+    adapter_dir: Path,
+    config: dict,
+    method: str,
+    model_class: str | None,
+    dtype_name: str,
+    merged_modules: int,
+    modules_to_save: list[str],
+) -> dict:
+    """What ``merge_info.json`` records of a merge (``compare`` is filled in when the outputs were compared).
+
+    Examples:
+        >>> merge_info(Path("base"), Path("adapter"), {"r": 4}, "streaming", None, "bfloat16", 2, [])["adapter_config"]
+        {'r': 4, 'lora_alpha': None, 'target_modules': None, 'use_rslora': None}
+    """
+    return {
+        "base": str(base_dir.resolve()),
+        "adapter": str(adapter_dir.resolve()),
+        "model_class": model_class,
+        "dtype": dtype_name,
+        "method": method,
+        "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
+        "merged_modules": merged_modules,
+        "modules_to_save": modules_to_save,
+        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "compare": None,
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -512,24 +550,13 @@ def merge_adapter(
     dtype_name = _dtype_name(merged)
     num_parameters = sum(p.numel() for p in merged.parameters())
     config = read_adapter_config(adapter_dir)
-    info = {
-        "base": str(base_dir.resolve()),
-        "adapter": str(adapter_dir.resolve()),
-        "model_class": model_class,
-        "dtype": dtype_name,
-        "method": "in-memory",
-        "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
-        "merged_modules": merged_modules,
-        "modules_to_save": saved,
-        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "compare": comparison,
-    }
+    info = merge_info(base_dir, adapter_dir, config, "in-memory", model_class, dtype_name, merged_modules, saved)
+    info["compare"] = comparison
     logger.info("Writing the merged model (%s, %s) to %s", model_class, dtype_name, output)
     try:
         with staged_directory(output) as staging:
             save_pretrained_safetensors(merged, staging)
-            copied = _copy_support_files(base_dir, staging)
+            copied = copy_support_files(base_dir, staging)
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
             num_bytes = sum(f.stat().st_size for f in staging.iterdir() if f.suffix == ".safetensors")
     except OSError as exc:

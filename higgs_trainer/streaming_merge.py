@@ -21,7 +21,6 @@ in-memory merge, which goes through peft itself.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 import json
 import logging
@@ -668,7 +667,7 @@ def stream_merge(
         merge_adapter("base", "out/lora_adapters", "merged").method  # 'streaming' for a safetensors base
         ```
     """
-    from .merging import MergeResult, _copy_support_files, _versions
+    from .merging import MergeResult, copy_support_files, merge_info
     from .verification import human_size, read_adapter_config, read_adapter_tensors, saved_modules
 
     start = time.perf_counter()
@@ -690,25 +689,13 @@ def stream_merge(
         base_dir,
         len(files),
     )
-    info = {
-        "base": str(base_dir.resolve()),
-        "adapter": str(adapter_dir.resolve()),
-        "model_class": None,
-        "dtype": dtype_name,
-        "method": "streaming",
-        "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
-        "merged_modules": merged_modules,
-        "modules_to_save": saved,
-        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "compare": None,
-    }
+    info = merge_info(base_dir, adapter_dir, config, "streaming", None, dtype_name, merged_modules, saved)
     try:
         with staged_directory(output) as staging:
             num_bytes = write_merged_weights(stored, plan, staging, dtype, limit)
             base_config = write_config(base_dir, staging, dtype_name)
             info["model_class"] = model_class_name(base_config)
-            copied = _copy_support_files(base_dir, staging)
+            copied = copy_support_files(base_dir, staging)
             if compare:
                 info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
