@@ -43,7 +43,8 @@ from .names import (
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
-from .verification import holds_adapter_files, is_valid_alpha, read_json_object
+from .paths import existing_directory, holds_adapter_files, output_directory, read_json_object
+from .verification import is_valid_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -63,51 +64,6 @@ def progress_bar(total: int, desc: str, unit: str = "tensor") -> tqdm:
         ...     _ = bar.update(3)
     """
     return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
-
-
-# paths
-
-
-def existing_directory(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a ``Path``; `UsageError` when it does not exist or is not a directory.
-
-    Examples:
-        >>> existing_directory("/", "base model")
-        PosixPath('/')
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise UsageError(f"{what} {path} is a file; pass the directory that holds it")
-    return path
-
-
-def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
-
-    Refuses (`UsageError`) an output that is a file or a symbolic link, that is or contains the
-    current directory, or that is or contains one of ``inputs``: writing it replaces the whole
-    directory, so ``--overwrite`` must never reach what is being read.
-
-    Examples:
-        >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
-        PosixPath('/tmp/does-not-exist-yet')
-    """
-    path = Path(path)
-    if path.is_symlink():
-        raise UsageError(f"output {path} is a symbolic link; name the directory it points to ({path.resolve()})")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output {path} exists and is a file")
-    resolved = path.resolve()
-    if Path.cwd().resolve().is_relative_to(resolved):
-        raise UsageError(f"output {path} is (or contains) the current directory; name a new directory")
-    for source in inputs:
-        if Path(source).resolve().is_relative_to(resolved):
-            raise UsageError(f"output {path} would replace the input {source}; choose another output directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
-    return path if path.name not in ("", ".", "..") else resolved
 
 
 # reading weights

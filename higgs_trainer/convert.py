@@ -36,18 +36,19 @@ from safetensors.torch import save_file
 
 from . import layouts
 from .atomic import staged_directory
-from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
 from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from .verification import (
+from .paths import (
     adapter_dirs_of,
+    existing_directory,
     holds_adapter_files,
-    lora_config_from_dict,
+    output_directory,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
 )
+from .verification import lora_config_from_dict
 
 logger = logging.getLogger(__name__)
 

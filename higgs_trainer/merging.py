@@ -30,8 +30,7 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
-from .atomic import find_directory, staged_directory
-from .checkpoint import existing_directory, output_directory
+from .atomic import staged_directory
 from .errors import (
     AdapterVerificationError,
     CheckpointError,
@@ -41,15 +40,20 @@ from .errors import (
     first_line,
     listed,
 )
-from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .names import PEFT_KEY_PREFIX
+from .paths import (
+    existing_directory,
+    output_directory,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_json_object,
+    resolve_adapter_dir,
+)
 from .streaming_merge import IN_MEMORY, read_base_tensors, safetensors_weight_files, stream_merge
 from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
     human_size,
-    read_adapter_config,
-    read_adapter_tensors,
-    read_json_object,
     saved_modules,
     verify_adapter,
 )
@@ -282,24 +286,6 @@ def _check_finite(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> N
         raise MergeError(
             f"merged weights of {len(broken)} module(s) hold NaN or inf (adapter too large for the dtype?): {broken[:3]}"
         )
-
-
-def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
-        >>> resolve_adapter_dir("out/checkpoint-500")
-        PosixPath('out/checkpoint-500/lora_adapters')
-    """
-    path = existing_directory(find_directory(path), "adapter")
-    own = find_directory(path / ADAPTER_DIRNAME)
-    if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
-        logger.info("Using the adapter in %s", own)
-        return own
-    return path
 
 
 # comparing logits

@@ -18,8 +18,8 @@ from .atomic import find_directory
 from .discovery import LoraComponent
 from .errors import AdapterVerificationError, HiggsTrainerError
 from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER, TRAINER_STATE
+from .paths import read_adapter_tensors
 from .runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
-from .verification import read_adapter_tensors
 
 logger = logging.getLogger(__name__)
 

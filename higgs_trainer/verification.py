@@ -7,7 +7,6 @@ them into one message.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -18,19 +17,17 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 
-from .atomic import find_directory
-from .errors import AdapterVerificationError, HiggsTrainerError, first_line, listed
-from .names import (
-    ADAPTER_DIRNAME,
-    CONFIG_NAME,
-    FULL_WEIGHT_FILES,
-    LORA_PAIRS,
-    PEFT_KEY_PREFIX,
-    PICKLE_NAME,
-    SAFETENSORS_NAME,
-    TRAINER_STATE,
+from .errors import AdapterVerificationError, first_line, listed
+from .names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
+
+# Path resolution and file reading moved to .paths; importable from here as before.
+from .paths import (
+    adapter_dirs_of,
+    holds_adapter_files,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_json_object,
 )
 from .runs import CHECKPOINT_NAME, is_complete_checkpoint
 from .untrained import untrained_problem
@@ -70,19 +67,6 @@ class AdapterSummary:
         return not self.problems
 
 
-def holds_adapter_files(directory: Path) -> bool:
-    """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> holds_adapter_files(Path("out/lora_adapters")), holds_adapter_files(Path("out"))
-        (True, False)
-    """
-    return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
-
-
 def is_valid_alpha(value: object) -> bool:
     """True for a usable ``lora_alpha``: a finite positive number (not a bool).
 
@@ -103,55 +87,6 @@ def lora_config_from_dict(config: Mapping) -> LoraConfig:
         4
     """
     return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
-
-
-def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
-    """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]
-        2
-    """
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {first_line(exc)}") from exc
-    if not isinstance(value, dict):
-        raise error(f"{path} does not hold a JSON object")
-    return value
-
-
-def read_adapter_config(directory: Path) -> dict:
-    """Parse ``adapter_config.json`` of an adapter directory."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterVerificationError(f"{path} is missing: not an adapter directory")
-    return read_json_object(path, AdapterVerificationError)
-
-
-def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Load the adapter weights of a directory: safetensors, or a pickle read with ``weights_only=True``."""
-    safe_path, pickle_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
-    if safe_path.is_file():
-        try:
-            with safe_open(str(safe_path), framework="pt", device="cpu") as reader:
-                return {key: reader.get_tensor(key) for key in reader.keys()}
-        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
-            raise AdapterVerificationError(f"cannot read {safe_path} (truncated or corrupt?): {exc}") from exc
-    if pickle_path.is_file():
-        try:
-            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AdapterVerificationError(
-                f"cannot read {pickle_path} safely (weights_only=True refused it or it is corrupt): {exc}"
-            ) from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterVerificationError(f"{pickle_path} does not hold a dict of tensors")
-        return state
-    raise AdapterVerificationError(f"{directory} has no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
 
 
 def _lora_part(key: str) -> tuple[str, str, list[str]] | None:
@@ -488,66 +423,8 @@ def human_size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TiB"  # pragma: no cover
 
 
-# Added for `higgs-trainer verify`: which adapter directories a path stands for, and a check of an
-# adapter's modules against a base model (built on the meta device, so no weights are loaded).
-
-
-def _step(checkpoint: Path) -> tuple[int, str]:
-    suffix = checkpoint.name.rsplit("-", 1)[-1]
-    return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
-
-
-def adapter_dirs_of(path: str | Path) -> list[Path]:
-    """The adapter directories ``path`` stands for: itself, a checkpoint's ``lora_adapters``, or a run's final and every ``checkpoint-*``.
-
-    A checkpoint that holds full weights but no ``lora_adapters`` still yields its (missing)
-    ``lora_adapters`` path, so the check reports it. Raises `AdapterVerificationError` when
-    ``path`` is none of these.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
-        >>> for directory in ("out/checkpoint-2", "out/checkpoint-4", "out"):
-        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
-        >>> [str(p) for p in adapter_dirs_of("out")]
-        ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
-    """
-    path = find_directory(path)
-    if not path.is_dir():
-        raise AdapterVerificationError(f"{path} is not a directory")
-    if holds_adapter_files(path):
-        return _with_named_adapters(path)
-    own = find_directory(path / ADAPTER_DIRNAME)
-    has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
-    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
-    if not has_own and not checkpoints:
-        raise AdapterVerificationError(
-            f"{path} is not an adapter, checkpoint or run directory: no {CONFIG_NAME}, no {ADAPTER_DIRNAME}/, "
-            "no model weights, no checkpoint-*/"
-        )
-    return [
-        d
-        for a in ([own] if has_own else []) + [_adapter_of_checkpoint(c) for c in checkpoints]
-        for d in _with_named_adapters(a)
-    ]
-
-
-def _adapter_of_checkpoint(checkpoint: Path) -> Path:
-    """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
-    own = find_directory(checkpoint / ADAPTER_DIRNAME)
-    if not own.exists() and holds_adapter_files(checkpoint):
-        return checkpoint
-    return own
-
-
-def _with_named_adapters(directory: Path) -> list[Path]:
-    """``directory`` and the subdirectories peft writes for adapters not named ``default``."""
-    if not directory.is_dir():
-        return [directory]
-    named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
-    top = not named or holds_adapter_files(directory)
-    return ([directory] if top else []) + named
+# Added for `higgs-trainer verify`: a check of an adapter's modules against a base model (built on the meta
+# device, so no weights are loaded).
 
 
 def _features(module: torch.nn.Module) -> tuple[int, int] | None:
