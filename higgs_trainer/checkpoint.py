@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .discovery import canonical_name
 from .errors import CheckpointError, UsageError, first_line, listed
+from .lora_keys import split_lora_key
 
 # lora_alpha and the pickle reader moved to their own modules; importable from here as before.
 from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
@@ -45,11 +46,6 @@ from .paths import existing_directory, holds_adapter_files, output_directory
 from .pickles import pickled_attributes
 
 logger = logging.getLogger(__name__)
-
-_LORA_KEY = re.compile(
-    r"^(?P<prefix>(?:[^.]+\.)*?)base_model\.model\.(?P<module>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.(?P<adapter>[^.]+)(?P<param>\.weight|\.bias)?$"
-)
 
 
 def progress_bar(total: int, desc: str, unit: str = "tensor") -> tqdm:
@@ -266,6 +262,30 @@ def _module_of(path: str) -> str:
     return ".".join(parts)
 
 
+class _CheckpointLoraKey(NamedTuple):
+    prefix: str  # the wrapper's, before base_model.model. ('model.')
+    module: str  # the module's path in the base model
+    part: str  # lora_A, lora_B, lora_embedding_A or lora_embedding_B
+    adapter: str  # the adapter's name ('default')
+    param: str  # '.weight', '.bias' or '' (an embedding's bare lora_embedding_A)
+
+
+def _checkpoint_lora_key(name: str) -> _CheckpointLoraKey | None:
+    """``<prefix>base_model.model.<module>.<lora matrix>.<adapter>[.weight|.bias]`` in parts; None for other keys."""
+    lora = split_lora_key(name)
+    if lora is None or not lora.is_matrix or not 1 <= len(lora.rest) <= 2:
+        return None
+    if len(lora.rest) == 2 and lora.rest[1] not in ("weight", "bias"):
+        return None
+    segments = lora.module.split(".")
+    for i in range(len(segments) - 2):  # the first base_model.model. followed by a module
+        if segments[i : i + 2] == ["base_model", "model"]:
+            prefix = "".join(f"{s}." for s in segments[:i])
+            param = f".{lora.rest[1]}" if len(lora.rest) == 2 else ""
+            return _CheckpointLoraKey(prefix, ".".join(segments[i + 2 :]), lora.part, lora.rest[0], param)
+    return None
+
+
 def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None = None) -> LoraLayout:
     """Find the LoRA tensors among a checkpoint's keys and infer prefix, modules, ``r`` and targets from keys and shapes.
 
@@ -283,13 +303,13 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         ... }).keys
         {'model.base_model.model.q.lora_A.default.weight': 'base_model.model.q.lora_A.weight', 'model.base_model.model.q.lora_B.default.weight': 'base_model.model.q.lora_B.weight'}
     """
-    matches: dict[tuple[str, str], dict[str, re.Match]] = defaultdict(dict)
+    matches: dict[tuple[str, str], dict[str, _CheckpointLoraKey]] = defaultdict(dict)
     odd = []
     names = {key: canonical_name(key) for key in shapes}  # once per key: checkpoints have thousands
     for key, name in names.items():
-        match = _LORA_KEY.match(name)
+        match = _checkpoint_lora_key(name)
         if match:
-            matches[(match["prefix"], match["adapter"])][key] = match
+            matches[(match.prefix, match.adapter)][key] = match
         elif any(part.startswith(("lora_", "trainable_tokens_", "token_adapter")) for part in name.split(".")):
             odd.append(key)
     if odd:
@@ -345,7 +365,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     lora_bias = False
     for key, match in sorted(matches[(chosen, adapter)].items()):
-        module, part, param = match["module"], match["part"], match["param"] or ""
+        module, part, param = match.module, match.part, match.param
         target = f"{PEFT_KEY_PREFIX}{module}.{part}{param}"
         keys[key] = target
         out_shapes[target] = tuple(shapes[key])

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import struct
 import time
@@ -38,6 +37,7 @@ from . import layouts
 from .atomic import staged_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
+from .lora_keys import split_lora_key
 from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
 from .paths import (
     adapter_dirs_of,
@@ -59,7 +59,6 @@ SUPPORT_FILES = (
 )  # fmt: skip
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<rest>lora_[A-Za-z_]+(?:\.[A-Za-z0-9_]+)*)$")
 
 
 @dataclass
@@ -179,8 +178,8 @@ def _module_and_rest(key: str) -> tuple[str, str]:
     if not key.startswith(PEFT_KEY_PREFIX):
         raise CheckpointError(f"adapter key {key!r} does not start with {PEFT_KEY_PREFIX!r}; not a peft adapter")
     key = key[len(PEFT_KEY_PREFIX) :]
-    lora = _LORA_KEY.match(key)
-    return (lora.group("module"), lora.group("rest")) if lora else (key, "")
+    lora = split_lora_key(key)
+    return (lora.module, ".".join((lora.part, *lora.rest))) if lora is not None and lora.module else (key, "")
 
 
 def _concatenate_split(tensors: dict[str, torch.Tensor], where: str, result: ConvertResult) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from .errors import (
     first_line,
     listed,
 )
+from .lora_keys import split_lora_key
 from .names import PEFT_KEY_PREFIX
 from .paths import (
     existing_directory,
@@ -279,7 +280,7 @@ def _check_applied(peft_model: PeftModel, tensors: dict[str, torch.Tensor], adap
 
 def _check_finite(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """The merged weights hold no NaN or inf (what peft's safe_merge checks, without its copy of every weight)."""
-    names = {key[len(PEFT_KEY_PREFIX) :].split(".lora_")[0] for key in tensors if ".lora_" in key}
+    names = {lora.module[len(PEFT_KEY_PREFIX) :] for lora in map(split_lora_key, tensors) if lora is not None}
     modules = dict(model.named_modules())
     broken = [n for n in sorted(names) if n in modules and not bool(torch.isfinite(modules[n].weight).all())]
     if broken:
@@ -451,7 +452,7 @@ def merge_adapter(
                 f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: {first_line(exc)}"
             ) from exc
         _check_applied(peft_model, tensors, adapter_dir)
-        merged_modules = sum(1 for key in tensors if ".lora_A." in key or key.endswith(".lora_embedding_A"))
+        merged_modules = sum(1 for lora in map(split_lora_key, tensors) if lora is not None and lora.is_a)
         saved, _ = saved_modules(read_adapter_config(adapter_dir), tensors)
         if probe is not None:
             logits["adapter"] = _logits(peft_model, probe)

@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
 from .errors import AdapterVerificationError, first_line, listed
+from .lora_keys import LoraKey, split_lora_key
 from .names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
 
 # Path resolution and file reading moved to .paths; importable from here as before.
@@ -89,13 +90,10 @@ def lora_config_from_dict(config: Mapping) -> LoraConfig:
     return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
 
 
-def _lora_part(key: str) -> tuple[str, str, list[str]] | None:
-    """Split ``<module>.<lora part>.<rest>`` for LoRA keys; None for other keys."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LORA_PAIRS or part in LORA_PAIRS.values():
-            return ".".join(parts[:i]), part, parts[i + 1 :]
-    return None
+def _lora_matrix(key: str) -> LoraKey | None:
+    """The parts of a LoRA matrix's key (or its bias's); None for every other key, DoRA's magnitude vectors included."""
+    lora = split_lora_key(key)
+    return lora if lora is not None and lora.is_matrix else None
 
 
 def check_adapter_tensors(
@@ -132,7 +130,7 @@ def check_adapter_tensors(
             empty.append(f"{key} {tuple(tensor.shape)}")
         elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             nonfinite.append(key)
-        split = _lora_part(key)
+        split = _lora_matrix(key)
         if split is None:
             continue
         module, part, rest = split
@@ -270,7 +268,7 @@ def _full_weight_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
         {
             key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1)[0]
             for key in tensors
-            if key.startswith(PEFT_KEY_PREFIX) and _lora_part(key) is None and "." in key[len(PEFT_KEY_PREFIX) :]
+            if key.startswith(PEFT_KEY_PREFIX) and _lora_matrix(key) is None and "." in key[len(PEFT_KEY_PREFIX) :]
         }
     )
 
@@ -452,7 +450,7 @@ def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     absent, misfit = [], []
     absent_weights, misfit_weights = _full_weight_problems(tensors, model)
     for key, tensor in tensors.items():
-        split = _lora_part(key)
+        split = _lora_matrix(key)
         if split is None or not split[0].startswith(PEFT_KEY_PREFIX[:-1]):
             continue
         module_path, part, rest = split
@@ -496,7 +494,7 @@ def _full_weight_problems(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     params.update({name: tuple(b.shape) for name, b in model.named_buffers()})
     absent, misfit = [], []
     for key, tensor in sorted(tensors.items()):
-        if not key.startswith(PEFT_KEY_PREFIX) or _lora_part(key) is not None:
+        if not key.startswith(PEFT_KEY_PREFIX) or _lora_matrix(key) is not None:
             continue
         # an embedding that is itself a LoRA layer saves its base weight as <module>.base_layer.weight
         name = key[len(PEFT_KEY_PREFIX) :].replace(".base_layer.", ".")
