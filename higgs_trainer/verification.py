@@ -121,28 +121,26 @@ def check_adapter_tensors(
         problems.append("the adapter holds no tensors")
         return problems
     lora_config = _as_lora_config(config, problems) if is_lora and not config_problems else None
-    misplaced, named, empty, nonfinite, bad_rank, not_float, bad_dims = [], [], [], [], [], [], []
-    pieces: dict[tuple[str, str], torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_KEY_PREFIX):
-            misplaced.append(key)
-        if tensor.numel() == 0:
-            empty.append(f"{key} {tuple(tensor.shape)}")
-        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            nonfinite.append(key)
-        split = _lora_matrix(key)
-        if split is None:
-            continue
-        module, part, rest = split
-        if rest and rest[0] not in _PARAM_SUFFIXES:
-            named.append(key)
-        is_weight = not rest or rest[0] == "weight"
-        if not tensor.is_floating_point():
-            not_float.append(f"{key} ({str(tensor.dtype).replace('torch.', '')})")
-        elif (tensor.dim() < 2) if is_weight else (tensor.dim() != 1):
-            bad_dims.append(f"{key} {tuple(tensor.shape)}")
-        if is_weight:
-            pieces[(module, part)] = tensor
+    problems.extend(_key_layout_problems(tensors))
+    problems.extend(_content_problems(tensors))
+    pieces = _lora_weights(tensors)
+    problems.extend(_pairing_problems(tensors, pieces, lora_config))
+    if lora_config is not None:
+        problems.extend(_targeting_problems(pieces, lora_config))
+    if expected_shapes is not None:
+        problems.extend(_expected_shape_problems(tensors, expected_shapes))
+    return problems
+
+
+def _key_layout_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys outside the layout ``PeftModel.from_pretrained`` expects: no ``base_model.model.`` prefix, an adapter name."""
+    misplaced = [key for key in tensors if not key.startswith(PEFT_KEY_PREFIX)]
+    named = [
+        key
+        for key in tensors
+        if (lora := _lora_matrix(key)) is not None and lora.rest and lora.rest[0] not in _PARAM_SUFFIXES
+    ]
+    problems = []
     if misplaced:
         problems.append(
             f"{len(misplaced)} key(s) lack the '{PEFT_KEY_PREFIX}' prefix that PeftModel.from_pretrained expects "
@@ -150,17 +148,55 @@ def check_adapter_tensors(
         )
     if named:
         problems.append(f"{len(named)} key(s) keep an adapter-name segment such as '.default': {listed(named)}")
+    return problems
+
+
+def _content_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tensors that are empty or hold NaN/inf, and LoRA tensors that are not floating point."""
+    empty, nonfinite, not_float = [], [], []
+    for key, tensor in tensors.items():
+        if tensor.numel() == 0:
+            empty.append(f"{key} {tuple(tensor.shape)}")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(key)
+        if _lora_matrix(key) is not None and not tensor.is_floating_point():
+            not_float.append(f"{key} ({str(tensor.dtype).replace('torch.', '')})")
+    problems = []
     if empty:
         problems.append(f"{len(empty)} tensor(s) are empty (the ZeRO-3 partitioned-save failure): {listed(empty)}")
     if nonfinite:
         problems.append(f"{len(nonfinite)} tensor(s) hold NaN or inf: {listed(nonfinite)}")
     if not_float:
         problems.append(f"{len(not_float)} LoRA tensor(s) are not floating point: {listed(not_float)}")
+    return problems
 
-    unpaired = []
+
+def _is_weight(lora: LoraKey) -> bool:
+    return not lora.rest or lora.rest[0] == "weight"
+
+
+def _lora_weights(tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """The LoRA matrices (not their biases) by (module, part), in the file's order."""
+    return {
+        (lora.module, lora.part): tensor
+        for key, tensor in tensors.items()
+        if (lora := _lora_matrix(key)) is not None and _is_weight(lora)
+    }
+
+
+def _pairing_problems(
+    tensors: Mapping[str, torch.Tensor], pieces: Mapping[tuple[str, str], torch.Tensor], lora_config: LoraConfig | None
+) -> list[str]:
+    """LoRA tensors with the wrong number of dimensions, matrices without their partner, ranks that disagree."""
+    bad_dims, unpaired, bad_rank = [], [], []
+    for key, tensor in tensors.items():
+        lora = _lora_matrix(key)
+        if lora is None or not tensor.is_floating_point():
+            continue
+        if (tensor.dim() < 2) if _is_weight(lora) else (tensor.dim() != 1):
+            bad_dims.append(f"{key} {tuple(tensor.shape)}")
     for (module, part), tensor in pieces.items():
-        partner_part = LORA_PAIRS.get(part) or next(a for a, b in LORA_PAIRS.items() if b == part)
-        partner = pieces.get((module, partner_part))
+        partner = pieces.get((module, LoraKey(module, part, ()).partner))
         if partner is None:
             unpaired.append(f"{module}.{part}")
         elif part in LORA_PAIRS and tensor.dim() != partner.dim():
@@ -170,6 +206,7 @@ def check_adapter_tensors(
             expected = configured_rank(lora_config, module) if lora_config is not None else rank_a
             if rank_a != rank_b or rank_a != expected:
                 bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, config r={expected})")
+    problems = []
     if bad_dims:
         problems.append(
             f"{len(bad_dims)} LoRA tensor(s) have the wrong number of dimensions (weights are matrices, A and B alike; "
@@ -182,29 +219,41 @@ def check_adapter_tensors(
             f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with the config (r, rank_pattern) or each other: "
             f"{listed(bad_rank)}"
         )
-    if lora_config is not None and lora_config.target_modules not in (None, "all-linear"):
-        modules = sorted({module for module, _ in pieces if module.startswith(PEFT_KEY_PREFIX)})
-        untargeted = [m for m in modules if not check_target_module_exists(lora_config, m[len(PEFT_KEY_PREFIX) :])]
-        if untargeted:
-            problems.append(
-                f"{len(untargeted)} LoRA module(s) in the file are not in the config's target_modules, so "
-                f"PeftModel.from_pretrained would skip them: {listed(untargeted)}"
-            )
+    return problems
 
-    if expected_shapes is not None:
-        missing = sorted(set(expected_shapes) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected_shapes))
-        wrong = [
-            f"{k} {tuple(tensors[k].shape)} != {tuple(expected_shapes[k])}"
-            for k in sorted(set(tensors) & set(expected_shapes))
-            if tuple(tensors[k].shape) != tuple(expected_shapes[k])
-        ]
-        if missing:
-            problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {listed(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {listed(unexpected)}")
-        if wrong:
-            problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
+
+def _targeting_problems(pieces: Mapping[tuple[str, str], torch.Tensor], lora_config: LoraConfig) -> list[str]:
+    """LoRA modules of the file that the config's ``target_modules`` does not name (peft would skip them)."""
+    if lora_config.target_modules in (None, "all-linear"):
+        return []
+    modules = sorted({module for module, _ in pieces if module.startswith(PEFT_KEY_PREFIX)})
+    untargeted = [m for m in modules if not check_target_module_exists(lora_config, m[len(PEFT_KEY_PREFIX) :])]
+    if not untargeted:
+        return []
+    return [
+        f"{len(untargeted)} LoRA module(s) in the file are not in the config's target_modules, so "
+        f"PeftModel.from_pretrained would skip them: {listed(untargeted)}"
+    ]
+
+
+def _expected_shape_problems(
+    tensors: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Tensors the model has and the file lacks, the other way round, and those of another shape."""
+    missing = sorted(set(expected_shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_shapes))
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(expected_shapes[k])}"
+        for k in sorted(set(tensors) & set(expected_shapes))
+        if tuple(tensors[k].shape) != tuple(expected_shapes[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {listed(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {listed(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
     return problems
 
 
