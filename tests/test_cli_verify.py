@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import HiggsLoraTrainer
 from tests.cli import rename_lora_modules, run_cli
 from tests.models import RandomTokens, make_model, tiny_base_model, training_args
+from tests.payloads import MaliciousPickle
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -153,13 +154,8 @@ def test_wrapper_prefixed_keys(adapter, capsys):
 
 def test_a_malicious_pickle_is_refused_and_runs_nothing(adapter, tmp_path, capsys):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
     (adapter / WEIGHTS).unlink()
-    torch.save({"base_model.model.x.lora_A.weight": Payload()}, adapter / "adapter_model.bin")
+    torch.save({"base_model.model.x.lora_A.weight": MaliciousPickle(marker)}, adapter / "adapter_model.bin")
     assert_fails_with(capsys, adapter, "weights_only=True refused it")
     assert not marker.exists()
 

@@ -12,6 +12,7 @@ from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_ada
 from higgs_trainer.saving import expected_adapter_shapes, write_lora_adapters
 from higgs_trainer.verification import check_adapter_tensors
 from tests.models import TARGET_MODULES, make_model
+from tests.payloads import MaliciousPickle
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -178,27 +179,17 @@ def test_missing_weights(saved, tmp_path):
     assert_problem(directory, "has no adapter_model.safetensors")
 
 
-class Payload:
-    """Unpickling this would create ``marker``: a stand-in for arbitrary code in a malicious checkpoint."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
 def test_a_malicious_pickle_is_refused_without_running_it(saved, tmp_path):
     directory = copy_of(saved, tmp_path)
     (directory / WEIGHTS).unlink()
     marker = tmp_path / "pwned"
-    torch.save({"base_model.model.x.lora_A.weight": Payload(marker)}, directory / "adapter_model.bin")
+    torch.save({"base_model.model.x.lora_A.weight": MaliciousPickle(marker)}, directory / "adapter_model.bin")
 
     assert_problem(directory, "weights_only=True refused it")
     assert not marker.exists()
 
     # control: the payload is live, an unsafe load runs it
     control = tmp_path / "control"
-    torch.save({"x": Payload(control)}, tmp_path / "control.bin")
+    torch.save({"x": MaliciousPickle(control)}, tmp_path / "control.bin")
     torch.load(tmp_path / "control.bin", weights_only=False)
     assert control.exists()
