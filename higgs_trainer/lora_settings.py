@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import find_directory
 from .errors import CheckpointError, HiggsTrainerError, UsageError
 from .names import ADAPTER_DIRNAME, CONFIG_NAME
-from .paths import read_json_object
+from .paths import own_adapter_dir, read_json_object
 from .pickles import pickled_attributes
 from .verification import is_valid_alpha
 
@@ -131,7 +130,7 @@ def find_lora_settings(
         for name in _ALPHA_FILES:
             path = directory / name
             if name.startswith(ADAPTER_DIRNAME + "/"):  # also where an interrupted re-save left it moved aside
-                path = find_directory(directory / ADAPTER_DIRNAME) / CONFIG_NAME
+                path = own_adapter_dir(directory) / CONFIG_NAME
             if path.is_file():
                 found = _alpha_in(path)
                 if found is not None:

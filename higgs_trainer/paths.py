@@ -118,7 +118,7 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
         raise AdapterVerificationError(f"{path} is not a directory")
     if holds_adapter_files(path):
         return _with_named_adapters(path)
-    own = _own_adapter(path)
+    own = own_adapter_dir(path)
     has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
     checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
     if not has_own and not checkpoints:
@@ -135,7 +135,7 @@ def adapter_dirs_of(path: str | Path) -> list[Path]:
 
 def _adapter_of_checkpoint(checkpoint: Path) -> Path:
     """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
-    own = _own_adapter(checkpoint)
+    own = own_adapter_dir(checkpoint)
     if not own.exists() and holds_adapter_files(checkpoint):
         return checkpoint
     return own
@@ -163,15 +163,20 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
         PosixPath('out/checkpoint-500/lora_adapters')
     """
     path = existing_directory(find_directory(path), "adapter")
-    own = _own_adapter(path)
+    own = own_adapter_dir(path)
     if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
         logger.info("Using the adapter in %s", own)
         return own
     return path
 
 
-def _own_adapter(directory: Path) -> Path:
-    """``directory``'s ``lora_adapters``, or where an interrupted re-save left it moved aside (may not exist)."""
+def own_adapter_dir(directory: Path) -> Path:
+    """``directory``'s ``lora_adapters``, or where an interrupted re-save left it moved aside (may not exist).
+
+    Examples:
+        >>> own_adapter_dir(Path("out/checkpoint-500"))
+        PosixPath('out/checkpoint-500/lora_adapters')
+    """
     return find_directory(directory / ADAPTER_DIRNAME)
 
 
@@ -232,6 +237,7 @@ __all__ = [
     "existing_directory",
     "holds_adapter_files",
     "output_directory",
+    "own_adapter_dir",
     "read_adapter_config",
     "read_adapter_tensors",
     "read_json_object",
