@@ -12,29 +12,28 @@ files the run saved, and refuses rather than guess.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import pickle
 import re
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .atomic import find_directory
 from .discovery import canonical_name
-from .errors import CheckpointError, HiggsTrainerError, UsageError, first_line, listed
+from .errors import CheckpointError, UsageError, first_line, listed
+from .lora_keys import split_lora_key
+
+# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
+from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
 from .names import (
     ADAPTER_DIRNAME,
-    CONFIG_NAME,
     LORA_PAIRS,
     PEFT_KEY_PREFIX,
     PICKLE_INDEX,
@@ -43,16 +42,10 @@ from .names import (
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
-from .verification import holds_adapter_files, is_valid_alpha, read_json_object
+from .paths import existing_directory, holds_adapter_files, output_directory
+from .pickles import pickled_attributes
 
 logger = logging.getLogger(__name__)
-
-# Where a run may have written lora_alpha, relative to the checkpoint and to its parent (the run directory).
-_ALPHA_FILES = (f"{ADAPTER_DIRNAME}/{CONFIG_NAME}", CONFIG_NAME, "training_args.json", "args.json", "training_args.bin")
-_LORA_KEY = re.compile(
-    r"^(?P<prefix>(?:[^.]+\.)*?)base_model\.model\.(?P<module>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.(?P<adapter>[^.]+)(?P<param>\.weight|\.bias)?$"
-)
 
 
 def progress_bar(total: int, desc: str, unit: str = "tensor") -> tqdm:
@@ -63,51 +56,6 @@ def progress_bar(total: int, desc: str, unit: str = "tensor") -> tqdm:
         ...     _ = bar.update(3)
     """
     return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False)
-
-
-# paths
-
-
-def existing_directory(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a ``Path``; `UsageError` when it does not exist or is not a directory.
-
-    Examples:
-        >>> existing_directory("/", "base model")
-        PosixPath('/')
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise UsageError(f"{what} {path} is a file; pass the directory that holds it")
-    return path
-
-
-def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
-
-    Refuses (`UsageError`) an output that is a file or a symbolic link, that is or contains the
-    current directory, or that is or contains one of ``inputs``: writing it replaces the whole
-    directory, so ``--overwrite`` must never reach what is being read.
-
-    Examples:
-        >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
-        PosixPath('/tmp/does-not-exist-yet')
-    """
-    path = Path(path)
-    if path.is_symlink():
-        raise UsageError(f"output {path} is a symbolic link; name the directory it points to ({path.resolve()})")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output {path} exists and is a file")
-    resolved = path.resolve()
-    if Path.cwd().resolve().is_relative_to(resolved):
-        raise UsageError(f"output {path} is (or contains) the current directory; name a new directory")
-    for source in inputs:
-        if Path(source).resolve().is_relative_to(resolved):
-            raise UsageError(f"output {path} would replace the input {source}; choose another output directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
-    return path if path.name not in ("", ".", "..") else resolved
 
 
 # reading weights
@@ -314,6 +262,30 @@ def _module_of(path: str) -> str:
     return ".".join(parts)
 
 
+class _CheckpointLoraKey(NamedTuple):
+    prefix: str  # the wrapper's, before base_model.model. ('model.')
+    module: str  # the module's path in the base model
+    part: str  # lora_A, lora_B, lora_embedding_A or lora_embedding_B
+    adapter: str  # the adapter's name ('default')
+    param: str  # '.weight', '.bias' or '' (an embedding's bare lora_embedding_A)
+
+
+def _checkpoint_lora_key(name: str) -> _CheckpointLoraKey | None:
+    """``<prefix>base_model.model.<module>.<lora matrix>.<adapter>[.weight|.bias]`` in parts; None for other keys."""
+    lora = split_lora_key(name)
+    if lora is None or not lora.is_matrix or not 1 <= len(lora.rest) <= 2:
+        return None
+    if len(lora.rest) == 2 and lora.rest[1] not in ("weight", "bias"):
+        return None
+    segments = lora.module.split(".")
+    for i in range(len(segments) - 2):  # the first base_model.model. followed by a module
+        if segments[i : i + 2] == ["base_model", "model"]:
+            prefix = "".join(f"{s}." for s in segments[:i])
+            param = f".{lora.rest[1]}" if len(lora.rest) == 2 else ""
+            return _CheckpointLoraKey(prefix, ".".join(segments[i + 2 :]), lora.part, lora.rest[0], param)
+    return None
+
+
 def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None = None) -> LoraLayout:
     """Find the LoRA tensors among a checkpoint's keys and infer prefix, modules, ``r`` and targets from keys and shapes.
 
@@ -331,13 +303,13 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         ... }).keys
         {'model.base_model.model.q.lora_A.default.weight': 'base_model.model.q.lora_A.weight', 'model.base_model.model.q.lora_B.default.weight': 'base_model.model.q.lora_B.weight'}
     """
-    matches: dict[tuple[str, str], dict[str, re.Match]] = defaultdict(dict)
+    matches: dict[tuple[str, str], dict[str, _CheckpointLoraKey]] = defaultdict(dict)
     odd = []
     names = {key: canonical_name(key) for key in shapes}  # once per key: checkpoints have thousands
     for key, name in names.items():
-        match = _LORA_KEY.match(name)
+        match = _checkpoint_lora_key(name)
         if match:
-            matches[(match["prefix"], match["adapter"])][key] = match
+            matches[(match.prefix, match.adapter)][key] = match
         elif any(part.startswith(("lora_", "trainable_tokens_", "token_adapter")) for part in name.split(".")):
             odd.append(key)
     if odd:
@@ -393,7 +365,7 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
     parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     lora_bias = False
     for key, match in sorted(matches[(chosen, adapter)].items()):
-        module, part, param = match["module"], match["part"], match["param"] or ""
+        module, part, param = match.module, match.part, match.param
         target = f"{PEFT_KEY_PREFIX}{module}.{part}{param}"
         keys[key] = target
         out_shapes[target] = tuple(shapes[key])
@@ -446,174 +418,6 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         target_modules=target_modules,
         lora_bias=lora_bias,
         modules_to_save=tuple(sorted(saved_modules)),
-    )
-
-
-# lora_alpha and the rest of the adapter config
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """``lora_alpha`` and where it came from; ``config`` is a whole adapter config when the source was one.
-
-    Examples:
-        >>> find_lora_settings("out/checkpoint-500", lora_alpha=32)
-        LoraSettings(lora_alpha=32.0, source='--lora-alpha', config=None)
-    """
-
-    lora_alpha: float
-    source: str
-    config: dict | None = None
-
-
-def read_lora_config_file(path: str | os.PathLike) -> dict:
-    """A LoRA adapter config from ``path`` (an ``adapter_config.json`` or a directory holding one).
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, lora_alpha=32, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> read_lora_config_file("out/lora_adapters")["lora_alpha"]
-        32
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.is_file():
-        raise UsageError(f"adapter config {path} does not exist")
-    config = read_json_object(path, CheckpointError)
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{path} has peft_type {config.get('peft_type')!r}, not 'LORA'")
-    if not is_valid_alpha(config.get("lora_alpha")):
-        raise CheckpointError(f"{path} has no usable lora_alpha (a positive number): {config.get('lora_alpha')!r}")
-    return config
-
-
-class _Stub:
-    """Stands in for every class and function named in a pickle: records arguments and state, runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.args = args
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
-        return _Stub(*args)
-
-
-class _StubUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> type:
-        return type(name, (_Stub,), {})  # never imports or calls anything real
-
-    def persistent_load(self, pid: Any) -> None:
-        return None  # tensor storages: not needed
-
-
-def pickled_attributes(path: str | os.PathLike) -> dict:
-    """The attributes of the object (or the dict) in a ``torch.save`` file (``training_args.bin``), read without running it.
-
-    Every class the pickle names is replaced by an inert stand-in, so nothing is imported or
-    executed; only plain values (numbers, strings, containers) come back. Returns ``{}`` for
-    anything else.
-
-    Examples:
-        >>> import transformers
-        >>> torch.save(transformers.TrainingArguments("out", learning_rate=1e-4), "training_args.bin")
-        >>> pickled_attributes("training_args.bin")["learning_rate"]
-        0.0001
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            if len(names) != 1 or archive.getinfo(names[0]).file_size > 10_000_000:
-                return {}
-            obj = _StubUnpickler(io.BytesIO(archive.read(names[0]))).load()
-    except Exception as exc:  # not a zip, truncated, odd opcodes: no attributes to be had
-        logger.debug("cannot read attributes from %s: %s", path, exc)
-        return {}
-    state = obj if isinstance(obj, dict) else getattr(obj, "state", None)
-    if isinstance(state, tuple):  # (dict, slots) for classes with __slots__
-        state = next((s for s in state if isinstance(s, dict)), None)
-    return state if isinstance(state, dict) else {}
-
-
-def _alpha_in(path: Path) -> tuple[float, dict | None] | None:
-    """``(lora_alpha, adapter config or None)`` if the file at ``path`` records one."""
-    if path.name == CONFIG_NAME:
-        try:
-            config = read_lora_config_file(path)
-        except HiggsTrainerError as exc:
-            logger.info("ignoring %s: %s", path, exc)
-            return None
-        return float(config["lora_alpha"]), config
-    if path.suffix == ".bin":
-        values = pickled_attributes(path)
-    else:
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-    alpha = values.get("lora_alpha") if isinstance(values, dict) else None
-    if is_valid_alpha(alpha):
-        return float(alpha), None
-    if alpha is not None:
-        logger.warning("ignoring lora_alpha %r in %s: not a positive number", alpha, path)
-    return None
-
-
-def find_lora_settings(
-    checkpoint: str | os.PathLike,
-    lora_alpha: float | None = None,
-    adapter_config: str | os.PathLike | None = None,
-) -> LoraSettings:
-    """Decide ``lora_alpha`` for an adapter rescued from ``checkpoint``; never guess.
-
-    In order: ``adapter_config`` (a whole LoRA config; ``lora_alpha``, if also given, must agree),
-    ``lora_alpha``, then what the run saved, in the checkpoint and then in its parent (the run
-    directory): ``lora_adapters/adapter_config.json``, ``adapter_config.json``,
-    ``training_args.json`` / ``args.json`` with a top-level ``lora_alpha``, and the attributes of
-    ``training_args.bin`` (a ``TrainingArguments`` subclass with a ``lora_alpha`` field), read
-    without unpickling anything. Otherwise raises `UsageError`.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, lora_alpha=32, target_modules=["q_proj"])).save_pretrained("old_run")
-        >>> find_lora_settings("out/checkpoint-500", adapter_config="old_run/adapter_config.json").source
-        'old_run/adapter_config.json'
-    """
-    if adapter_config is not None:
-        config = read_lora_config_file(adapter_config)
-        alpha = float(config["lora_alpha"])
-        if lora_alpha is not None and float(lora_alpha) != alpha:
-            raise UsageError(f"--lora-alpha {lora_alpha} disagrees with lora_alpha {alpha} in {adapter_config}")
-        return LoraSettings(alpha, str(adapter_config), config)
-    if lora_alpha is not None:
-        if not is_valid_alpha(lora_alpha):
-            raise UsageError(f"--lora-alpha must be a positive number, got {lora_alpha}")
-        return LoraSettings(float(lora_alpha), "--lora-alpha")
-    checkpoint = Path(checkpoint)
-    directories = [checkpoint]
-    if checkpoint.name.startswith("checkpoint-"):
-        directories.append(checkpoint.parent)  # the run directory, named as the user named the checkpoint
-    elif checkpoint.resolve().name.startswith("checkpoint-"):  # "." or a symlink
-        directories.append(checkpoint.resolve().parent)
-    for directory in directories:
-        for name in _ALPHA_FILES:
-            path = directory / name
-            if name.startswith(ADAPTER_DIRNAME + "/"):  # also where an interrupted re-save left it moved aside
-                path = find_directory(directory / ADAPTER_DIRNAME) / CONFIG_NAME
-            if path.is_file():
-                found = _alpha_in(path)
-                if found is not None:
-                    logger.info("lora_alpha %s taken from %s", found[0], path)
-                    return LoraSettings(found[0], str(path), found[1])
-    raise UsageError(
-        f"lora_alpha cannot be inferred from the weights and the run did not record it (looked for "
-        f"{', '.join(_ALPHA_FILES)} in {' and '.join(str(d) for d in directories)}); pass --lora-alpha A with the value used in "
-        "training, or --adapter-config FILE"
     )
 
 

@@ -42,12 +42,12 @@ import transformers
 
 from . import __version__
 from .atomic import find_directory
-from .checkpoint import existing_directory
 from .convert import convert_layout
 from .errors import HiggsTrainerError, UsageError, first_line
 from .extraction import extract_adapter
 from .layouts import LAYOUTS
 from .merging import DTYPES, empty_base_model, merge_adapter
+from .paths import existing_directory
 from .verification import AdapterSummary, human_size, inspect_path
 
 PROG = "higgs-trainer"

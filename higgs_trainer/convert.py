@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 import time
 from collections.abc import Iterable
@@ -36,19 +35,21 @@ from safetensors.torch import save_file
 
 from . import layouts
 from .atomic import staged_directory
-from .checkpoint import existing_directory, output_directory
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
+from .lora_keys import split_lora_key
 from .merging import copy_support_files
 from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from .verification import (
+from .paths import (
     adapter_dirs_of,
+    existing_directory,
     holds_adapter_files,
-    lora_config_from_dict,
+    output_directory,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
 )
+from .verification import lora_config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ SUPPORT_FILES = (
 )  # fmt: skip
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-_LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<rest>lora_[A-Za-z_]+(?:\.[A-Za-z0-9_]+)*)$")
 
 
 @dataclass
@@ -181,8 +181,8 @@ def _module_and_rest(key: str) -> tuple[str, str]:
     if not key.startswith(PEFT_KEY_PREFIX):
         raise CheckpointError(f"adapter key {key!r} does not start with {PEFT_KEY_PREFIX!r}; not a peft adapter")
     key = key[len(PEFT_KEY_PREFIX) :]
-    lora = _LORA_KEY.match(key)
-    return (lora.group("module"), lora.group("rest")) if lora else (key, "")
+    lora = split_lora_key(key)
+    return (lora.module, ".".join((lora.part, *lora.rest))) if lora is not None and lora.module else (key, "")
 
 
 def _concatenate_split(tensors: dict[str, torch.Tensor], where: str, result: ConvertResult) -> dict[str, torch.Tensor]:

@@ -23,13 +23,12 @@ from .checkpoint import (
     CheckpointWeights,
     LoraLayout,
     LoraSettings,
-    existing_directory,
     find_lora_layout,
     find_lora_settings,
-    output_directory,
 )
 from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
 from .names import SAFETENSORS_NAME
+from .paths import existing_directory, output_directory
 from .untrained import untrained_problem
 from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
 

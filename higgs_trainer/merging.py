@@ -31,8 +31,8 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
 from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
-from .atomic import find_directory, staged_directory
-from .checkpoint import CheckpointWeights, existing_directory, output_directory
+from .atomic import staged_directory
+from .checkpoint import CheckpointWeights
 from .errors import (
     AdapterVerificationError,
     CheckpointError,
@@ -42,15 +42,21 @@ from .errors import (
     first_line,
     listed,
 )
-from .names import ADAPTER_DIRNAME, CONFIG_NAME, PEFT_KEY_PREFIX
+from .lora_keys import split_lora_key
+from .names import PEFT_KEY_PREFIX
+from .paths import (
+    existing_directory,
+    output_directory,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_json_object,
+    resolve_adapter_dir,
+)
 from .streaming_merge import IN_MEMORY, read_base_tensors, safetensors_weight_files, stream_merge
 from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
     human_size,
-    read_adapter_config,
-    read_adapter_tensors,
-    read_json_object,
     saved_modules,
     verify_adapter,
 )
@@ -297,31 +303,13 @@ def _check_applied(peft_model: PeftModel, tensors: dict[str, torch.Tensor], adap
 
 def _check_finite(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """The merged weights hold no NaN or inf (what peft's safe_merge checks, without its copy of every weight)."""
-    names = {key[len(PEFT_KEY_PREFIX) :].split(".lora_")[0] for key in tensors if ".lora_" in key}
+    names = {lora.module[len(PEFT_KEY_PREFIX) :] for lora in map(split_lora_key, tensors) if lora is not None}
     modules = dict(model.named_modules())
     broken = [n for n in sorted(names) if n in modules and not bool(torch.isfinite(modules[n].weight).all())]
     if broken:
         raise MergeError(
             f"merged weights of {len(broken)} module(s) hold NaN or inf (adapter too large for the dtype?): {broken[:3]}"
         )
-
-
-def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
-        >>> resolve_adapter_dir("out/checkpoint-500")
-        PosixPath('out/checkpoint-500/lora_adapters')
-    """
-    path = existing_directory(find_directory(path), "adapter")
-    own = find_directory(path / ADAPTER_DIRNAME)
-    if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
-        logger.info("Using the adapter in %s", own)
-        return own
-    return path
 
 
 # comparing logits
@@ -525,7 +513,7 @@ def merge_adapter(
                 f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: {first_line(exc)}"
             ) from exc
         _check_applied(peft_model, tensors, adapter_dir)
-        merged_modules = sum(1 for key in tensors if ".lora_A." in key or key.endswith(".lora_embedding_A"))
+        merged_modules = sum(1 for lora in map(split_lora_key, tensors) if lora is not None and lora.is_a)
         saved, _ = saved_modules(read_adapter_config(adapter_dir), tensors)
         if probe is not None:
             logits["adapter"] = _logits(peft_model, probe)

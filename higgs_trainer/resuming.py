@@ -17,9 +17,9 @@ from peft.utils import set_peft_model_state_dict
 from .atomic import find_directory
 from .discovery import LoraComponent
 from .errors import AdapterVerificationError, HiggsTrainerError
-from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER, TRAINER_STATE
+from .names import ADAPTER_ONLY_MARKER, TRAINER_STATE
+from .paths import own_adapter_dir, read_adapter_tensors
 from .runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
-from .verification import read_adapter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def is_adapter_only_checkpoint(checkpoint: str | os.PathLike) -> bool:
         ```
     """
     checkpoint = Path(checkpoint)
-    return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and find_directory(checkpoint / ADAPTER_DIRNAME).is_dir()
+    return (checkpoint / ADAPTER_ONLY_MARKER).is_file() and own_adapter_dir(checkpoint).is_dir()
 
 
 def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from .atomic import staged_directory
 from .discovery import LoraComponent
 from .errors import AdapterSaveError, AdapterVerificationError
 from .gathering import has_fsdp1_units
+from .lora_keys import split_lora_key
 from .names import ADAPTER_DIRNAME, SAFETENSORS_NAME
 from .verification import human_size, verify_adapter
 
@@ -158,7 +159,7 @@ def _check_every_lora_layer_selected(
         for path, module in peft_model.named_modules()
         if isinstance(module, LoraLayer) and (adapter_name in module.lora_A or adapter_name in module.lora_embedding_A)
     ]
-    selected = {key.split(".lora_")[0] for key in shapes if ".lora_A." in key or ".lora_embedding_A" in key}
+    selected = {lora.module for lora in map(split_lora_key, shapes) if lora is not None and lora.is_a}
     if len(selected) != len(layers):
         raise AdapterVerificationError(
             f"peft selected the LoRA tensors of {len(selected)} of the {len(layers)} LoRA layers of adapter "

@@ -42,6 +42,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from .atomic import staged_directory
 from .checkpoint import progress_bar
 from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, MergeError, first_line, listed
+from .lora_keys import split_lora_key
 from .merge_compare import compare_outputs
 from .names import PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS
 
@@ -260,16 +261,6 @@ def check_streamable_config(config: Mapping, adapter_dir: Path) -> None:
         )
 
 
-def _split_lora_key(key: str) -> tuple[str, str, str] | None:
-    """``base_model.model.<module>.<lora part>[.<param>]`` -> (module, part, param); None for other keys."""
-    for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-        marker = f".{part}"
-        if marker + "." in key or key.endswith(marker):
-            module, _, rest = key.partition(marker)
-            return module[len(PEFT_KEY_PREFIX) :], part, rest.lstrip(".")
-    return None
-
-
 def _orientation(module: str, weight: StoredTensor, out_in: tuple[int, int]) -> bool | None:
     """Whether peft merges ``module`` transposed (a GPT-2 ``Conv1D``): from the shapes; None if only the config can say.
 
@@ -306,8 +297,8 @@ def plan_merge(
         if not key.startswith(PEFT_KEY_PREFIX):
             unmatched.append(key)
             continue
-        split = _split_lora_key(key)
-        if split is None:  # modules_to_save, saved embedding layers (<module>.base_layer.weight), bias="all"
+        lora = split_lora_key(key)
+        if lora is None:  # modules_to_save, saved embedding layers (<module>.base_layer.weight), bias="all"
             target = key[len(PEFT_KEY_PREFIX) :].replace(".base_layer.", ".")
             if target not in stored:
                 unmatched.append(key)
@@ -318,10 +309,10 @@ def plan_merge(
             else:
                 plan.replace[target] = value
             continue
-        module, part, param = split
+        module, part, param = lora.module[len(PEFT_KEY_PREFIX) :], lora.part, ".".join(lora.rest)
         embedding = part.startswith("lora_embedding")
         allowed = ("",) if embedding else ("weight", "bias") if part == "lora_B" else ("weight",)
-        if part == "lora_magnitude_vector" or param not in allowed:
+        if not lora.is_matrix or param not in allowed:  # DoRA's lora_magnitude_vector, other LoRA variants
             unsupported.append(key)
             continue
         pairs.setdefault(module, {})[part if param in ("", "weight") else f"{part}.{param}"] = value
@@ -668,7 +659,8 @@ def stream_merge(
         ```
     """
     from .merging import MergeResult, copy_support_files, merge_info
-    from .verification import human_size, read_adapter_config, read_adapter_tensors, saved_modules
+    from .paths import read_adapter_config, read_adapter_tensors
+    from .verification import human_size, saved_modules
 
     start = time.perf_counter()
     limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)

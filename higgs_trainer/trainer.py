@@ -30,10 +30,10 @@ from .discovery import LoraComponent, canonical_name, find_lora_model, unwrap_mo
 from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
 from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
+from .paths import adapter_dirs_of, read_adapter_config, read_adapter_tensors
 from .resuming import checkpoint_to_resume, is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
 from .untrained import LIKELY_CAUSES, check_lora_trainable, untrained_problem
-from .verification import adapter_dirs_of, read_adapter_config, read_adapter_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .errors import HiggsTrainerError, listed
-from .names import LORA_PAIRS
+from .lora_keys import LORA_MATRICES, split_lora_key
 
 # What peft initialises to zero under a zero-start init: the "B" of a linear pair, the "A" of an embedding pair.
 _ZERO_AT_INIT = ("lora_B", "lora_embedding_A")
@@ -48,10 +48,8 @@ def starts_from_zero(config: Mapping) -> bool:
 
 
 def _is_zero_at_init(key: str) -> bool:
-    parts = key.split(".")
-    return any(part in _ZERO_AT_INIT for part in parts) and any(
-        part in LORA_PAIRS or part in LORA_PAIRS.values() for part in parts
-    )
+    lora = split_lora_key(key)
+    return lora is not None and lora.part in _ZERO_AT_INIT
 
 
 def untrained_problem(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -91,7 +89,7 @@ def lora_parameters(
         >>> lora_parameters(torch.nn.Linear(2, 2))
         []
     """
-    pieces = set(LORA_PAIRS) | set(LORA_PAIRS.values())
+    pieces = LORA_MATRICES
     wanted = None if adapters is None else set(adapters)
     found = []
     for name, param in model.named_parameters():

@@ -7,7 +7,6 @@ them into one message.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -18,19 +17,18 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 
-from .atomic import find_directory
-from .errors import AdapterVerificationError, HiggsTrainerError, first_line, listed
-from .names import (
-    ADAPTER_DIRNAME,
-    CONFIG_NAME,
-    FULL_WEIGHT_FILES,
-    LORA_PAIRS,
-    PEFT_KEY_PREFIX,
-    PICKLE_NAME,
-    SAFETENSORS_NAME,
-    TRAINER_STATE,
+from .errors import AdapterVerificationError, first_line, listed
+from .lora_keys import LoraKey, split_lora_key
+from .names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
+
+# Path resolution and file reading moved to .paths; importable from here as before.
+from .paths import (
+    adapter_dirs_of,
+    holds_adapter_files,
+    read_adapter_config,
+    read_adapter_tensors,
+    read_json_object,
 )
 from .runs import CHECKPOINT_NAME, is_complete_checkpoint
 from .untrained import untrained_problem
@@ -70,19 +68,6 @@ class AdapterSummary:
         return not self.problems
 
 
-def holds_adapter_files(directory: Path) -> bool:
-    """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> holds_adapter_files(Path("out/lora_adapters")), holds_adapter_files(Path("out"))
-        (True, False)
-    """
-    return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
-
-
 def is_valid_alpha(value: object) -> bool:
     """True for a usable ``lora_alpha``: a finite positive number (not a bool).
 
@@ -105,62 +90,10 @@ def lora_config_from_dict(config: Mapping) -> LoraConfig:
     return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**config))
 
 
-def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
-    """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]
-        2
-    """
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {first_line(exc)}") from exc
-    if not isinstance(value, dict):
-        raise error(f"{path} does not hold a JSON object")
-    return value
-
-
-def read_adapter_config(directory: Path) -> dict:
-    """Parse ``adapter_config.json`` of an adapter directory."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterVerificationError(f"{path} is missing: not an adapter directory")
-    return read_json_object(path, AdapterVerificationError)
-
-
-def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Load the adapter weights of a directory: safetensors, or a pickle read with ``weights_only=True``."""
-    safe_path, pickle_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
-    if safe_path.is_file():
-        try:
-            with safe_open(str(safe_path), framework="pt", device="cpu") as reader:
-                return {key: reader.get_tensor(key) for key in reader.keys()}
-        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
-            raise AdapterVerificationError(f"cannot read {safe_path} (truncated or corrupt?): {exc}") from exc
-    if pickle_path.is_file():
-        try:
-            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AdapterVerificationError(
-                f"cannot read {pickle_path} safely (weights_only=True refused it or it is corrupt): {exc}"
-            ) from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterVerificationError(f"{pickle_path} does not hold a dict of tensors")
-        return state
-    raise AdapterVerificationError(f"{directory} has no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
-
-
-def _lora_part(key: str) -> tuple[str, str, list[str]] | None:
-    """Split ``<module>.<lora part>.<rest>`` for LoRA keys; None for other keys."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LORA_PAIRS or part in LORA_PAIRS.values():
-            return ".".join(parts[:i]), part, parts[i + 1 :]
-    return None
+def _lora_matrix(key: str) -> LoraKey | None:
+    """The parts of a LoRA matrix's key (or its bias's); None for every other key, DoRA's magnitude vectors included."""
+    lora = split_lora_key(key)
+    return lora if lora is not None and lora.is_matrix else None
 
 
 def check_adapter_tensors(
@@ -188,28 +121,26 @@ def check_adapter_tensors(
         problems.append("the adapter holds no tensors")
         return problems
     lora_config = _as_lora_config(config, problems) if is_lora and not config_problems else None
-    misplaced, named, empty, nonfinite, bad_rank, not_float, bad_dims = [], [], [], [], [], [], []
-    pieces: dict[tuple[str, str], torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_KEY_PREFIX):
-            misplaced.append(key)
-        if tensor.numel() == 0:
-            empty.append(f"{key} {tuple(tensor.shape)}")
-        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            nonfinite.append(key)
-        split = _lora_part(key)
-        if split is None:
-            continue
-        module, part, rest = split
-        if rest and rest[0] not in _PARAM_SUFFIXES:
-            named.append(key)
-        is_weight = not rest or rest[0] == "weight"
-        if not tensor.is_floating_point():
-            not_float.append(f"{key} ({str(tensor.dtype).replace('torch.', '')})")
-        elif (tensor.dim() < 2) if is_weight else (tensor.dim() != 1):
-            bad_dims.append(f"{key} {tuple(tensor.shape)}")
-        if is_weight:
-            pieces[(module, part)] = tensor
+    problems.extend(_key_layout_problems(tensors))
+    problems.extend(_content_problems(tensors))
+    pieces = _lora_weights(tensors)
+    problems.extend(_pairing_problems(tensors, pieces, lora_config))
+    if lora_config is not None:
+        problems.extend(_targeting_problems(pieces, lora_config))
+    if expected_shapes is not None:
+        problems.extend(_expected_shape_problems(tensors, expected_shapes))
+    return problems
+
+
+def _key_layout_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys outside the layout ``PeftModel.from_pretrained`` expects: no ``base_model.model.`` prefix, an adapter name."""
+    misplaced = [key for key in tensors if not key.startswith(PEFT_KEY_PREFIX)]
+    named = [
+        key
+        for key in tensors
+        if (lora := _lora_matrix(key)) is not None and lora.rest and lora.rest[0] not in _PARAM_SUFFIXES
+    ]
+    problems = []
     if misplaced:
         problems.append(
             f"{len(misplaced)} key(s) lack the '{PEFT_KEY_PREFIX}' prefix that PeftModel.from_pretrained expects "
@@ -217,17 +148,55 @@ def check_adapter_tensors(
         )
     if named:
         problems.append(f"{len(named)} key(s) keep an adapter-name segment such as '.default': {listed(named)}")
+    return problems
+
+
+def _content_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tensors that are empty or hold NaN/inf, and LoRA tensors that are not floating point."""
+    empty, nonfinite, not_float = [], [], []
+    for key, tensor in tensors.items():
+        if tensor.numel() == 0:
+            empty.append(f"{key} {tuple(tensor.shape)}")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(key)
+        if _lora_matrix(key) is not None and not tensor.is_floating_point():
+            not_float.append(f"{key} ({str(tensor.dtype).replace('torch.', '')})")
+    problems = []
     if empty:
         problems.append(f"{len(empty)} tensor(s) are empty (the ZeRO-3 partitioned-save failure): {listed(empty)}")
     if nonfinite:
         problems.append(f"{len(nonfinite)} tensor(s) hold NaN or inf: {listed(nonfinite)}")
     if not_float:
         problems.append(f"{len(not_float)} LoRA tensor(s) are not floating point: {listed(not_float)}")
+    return problems
 
-    unpaired = []
+
+def _is_weight(lora: LoraKey) -> bool:
+    return not lora.rest or lora.rest[0] == "weight"
+
+
+def _lora_weights(tensors: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """The LoRA matrices (not their biases) by (module, part), in the file's order."""
+    return {
+        (lora.module, lora.part): tensor
+        for key, tensor in tensors.items()
+        if (lora := _lora_matrix(key)) is not None and _is_weight(lora)
+    }
+
+
+def _pairing_problems(
+    tensors: Mapping[str, torch.Tensor], pieces: Mapping[tuple[str, str], torch.Tensor], lora_config: LoraConfig | None
+) -> list[str]:
+    """LoRA tensors with the wrong number of dimensions, matrices without their partner, ranks that disagree."""
+    bad_dims, unpaired, bad_rank = [], [], []
+    for key, tensor in tensors.items():
+        lora = _lora_matrix(key)
+        if lora is None or not tensor.is_floating_point():
+            continue
+        if (tensor.dim() < 2) if _is_weight(lora) else (tensor.dim() != 1):
+            bad_dims.append(f"{key} {tuple(tensor.shape)}")
     for (module, part), tensor in pieces.items():
-        partner_part = LORA_PAIRS.get(part) or next(a for a, b in LORA_PAIRS.items() if b == part)
-        partner = pieces.get((module, partner_part))
+        partner = pieces.get((module, LoraKey(module, part, ()).partner))
         if partner is None:
             unpaired.append(f"{module}.{part}")
         elif part in LORA_PAIRS and tensor.dim() != partner.dim():
@@ -237,6 +206,7 @@ def check_adapter_tensors(
             expected = configured_rank(lora_config, module) if lora_config is not None else rank_a
             if rank_a != rank_b or rank_a != expected:
                 bad_rank.append(f"{module} (A {tuple(tensor.shape)}, B {tuple(partner.shape)}, config r={expected})")
+    problems = []
     if bad_dims:
         problems.append(
             f"{len(bad_dims)} LoRA tensor(s) have the wrong number of dimensions (weights are matrices, A and B alike; "
@@ -249,29 +219,41 @@ def check_adapter_tensors(
             f"{len(bad_rank)} LoRA pair(s) have ranks that disagree with the config (r, rank_pattern) or each other: "
             f"{listed(bad_rank)}"
         )
-    if lora_config is not None and lora_config.target_modules not in (None, "all-linear"):
-        modules = sorted({module for module, _ in pieces if module.startswith(PEFT_KEY_PREFIX)})
-        untargeted = [m for m in modules if not check_target_module_exists(lora_config, m[len(PEFT_KEY_PREFIX) :])]
-        if untargeted:
-            problems.append(
-                f"{len(untargeted)} LoRA module(s) in the file are not in the config's target_modules, so "
-                f"PeftModel.from_pretrained would skip them: {listed(untargeted)}"
-            )
+    return problems
 
-    if expected_shapes is not None:
-        missing = sorted(set(expected_shapes) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected_shapes))
-        wrong = [
-            f"{k} {tuple(tensors[k].shape)} != {tuple(expected_shapes[k])}"
-            for k in sorted(set(tensors) & set(expected_shapes))
-            if tuple(tensors[k].shape) != tuple(expected_shapes[k])
-        ]
-        if missing:
-            problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {listed(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {listed(unexpected)}")
-        if wrong:
-            problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
+
+def _targeting_problems(pieces: Mapping[tuple[str, str], torch.Tensor], lora_config: LoraConfig) -> list[str]:
+    """LoRA modules of the file that the config's ``target_modules`` does not name (peft would skip them)."""
+    if lora_config.target_modules in (None, "all-linear"):
+        return []
+    modules = sorted({module for module, _ in pieces if module.startswith(PEFT_KEY_PREFIX)})
+    untargeted = [m for m in modules if not check_target_module_exists(lora_config, m[len(PEFT_KEY_PREFIX) :])]
+    if not untargeted:
+        return []
+    return [
+        f"{len(untargeted)} LoRA module(s) in the file are not in the config's target_modules, so "
+        f"PeftModel.from_pretrained would skip them: {listed(untargeted)}"
+    ]
+
+
+def _expected_shape_problems(
+    tensors: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """Tensors the model has and the file lacks, the other way round, and those of another shape."""
+    missing = sorted(set(expected_shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_shapes))
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(expected_shapes[k])}"
+        for k in sorted(set(tensors) & set(expected_shapes))
+        if tuple(tensors[k].shape) != tuple(expected_shapes[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the model are missing from the file: {listed(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the file are not in the model: {listed(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) have the wrong shape: {listed(wrong)}")
     return problems
 
 
@@ -335,7 +317,7 @@ def _full_weight_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
         {
             key[len(PEFT_KEY_PREFIX) :].rsplit(".", 1)[0]
             for key in tensors
-            if key.startswith(PEFT_KEY_PREFIX) and _lora_part(key) is None and "." in key[len(PEFT_KEY_PREFIX) :]
+            if key.startswith(PEFT_KEY_PREFIX) and _lora_matrix(key) is None and "." in key[len(PEFT_KEY_PREFIX) :]
         }
     )
 
@@ -501,66 +483,8 @@ def human_size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TiB"  # pragma: no cover
 
 
-# Added for `higgs-trainer verify`: which adapter directories a path stands for, and a check of an
-# adapter's modules against a base model (built on the meta device, so no weights are loaded).
-
-
-def _step(checkpoint: Path) -> tuple[int, str]:
-    suffix = checkpoint.name.rsplit("-", 1)[-1]
-    return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
-
-
-def adapter_dirs_of(path: str | Path) -> list[Path]:
-    """The adapter directories ``path`` stands for: itself, a checkpoint's ``lora_adapters``, or a run's final and every ``checkpoint-*``.
-
-    A checkpoint that holds full weights but no ``lora_adapters`` still yields its (missing)
-    ``lora_adapters`` path, so the check reports it. Raises `AdapterVerificationError` when
-    ``path`` is none of these.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
-        >>> for directory in ("out/checkpoint-2", "out/checkpoint-4", "out"):
-        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
-        >>> [str(p) for p in adapter_dirs_of("out")]
-        ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
-    """
-    path = find_directory(path)
-    if not path.is_dir():
-        raise AdapterVerificationError(f"{path} is not a directory")
-    if holds_adapter_files(path):
-        return _with_named_adapters(path)
-    own = find_directory(path / ADAPTER_DIRNAME)
-    has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
-    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
-    if not has_own and not checkpoints:
-        raise AdapterVerificationError(
-            f"{path} is not an adapter, checkpoint or run directory: no {CONFIG_NAME}, no {ADAPTER_DIRNAME}/, "
-            "no model weights, no checkpoint-*/"
-        )
-    return [
-        d
-        for a in ([own] if has_own else []) + [_adapter_of_checkpoint(c) for c in checkpoints]
-        for d in _with_named_adapters(a)
-    ]
-
-
-def _adapter_of_checkpoint(checkpoint: Path) -> Path:
-    """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
-    own = find_directory(checkpoint / ADAPTER_DIRNAME)
-    if not own.exists() and holds_adapter_files(checkpoint):
-        return checkpoint
-    return own
-
-
-def _with_named_adapters(directory: Path) -> list[Path]:
-    """``directory`` and the subdirectories peft writes for adapters not named ``default``."""
-    if not directory.is_dir():
-        return [directory]
-    named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
-    top = not named or holds_adapter_files(directory)
-    return ([directory] if top else []) + named
+# Added for `higgs-trainer verify`: a check of an adapter's modules against a base model (built on the meta
+# device, so no weights are loaded).
 
 
 def _features(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -588,7 +512,7 @@ def check_adapter_modules(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     absent, misfit = [], []
     absent_weights, misfit_weights = _full_weight_problems(tensors, model)
     for key, tensor in tensors.items():
-        split = _lora_part(key)
+        split = _lora_matrix(key)
         if split is None or not split[0].startswith(PEFT_KEY_PREFIX[:-1]):
             continue
         module_path, part, rest = split
@@ -632,7 +556,7 @@ def _full_weight_problems(tensors: Mapping[str, torch.Tensor], model: torch.nn.M
     params.update({name: tuple(b.shape) for name, b in model.named_buffers()})
     absent, misfit = [], []
     for key, tensor in sorted(tensors.items()):
-        if not key.startswith(PEFT_KEY_PREFIX) or _lora_part(key) is not None:
+        if not key.startswith(PEFT_KEY_PREFIX) or _lora_matrix(key) is not None:
             continue
         # an embedding that is itself a LoRA layer saves its base weight as <module>.base_layer.weight
         name = key[len(PEFT_KEY_PREFIX) :].replace(".base_layer.", ".")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 import transformers
 from packaging.version import Version
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -108,6 +110,23 @@ class TextModelHolder(nn.Module):
 
     def forward(self, **kwargs):
         return self.text_model(**kwargs)
+
+
+class TwoComponents(nn.Module):
+    """Two PEFT components, ``a`` and ``b`` (by default two tiny models from different seeds), both in the forward pass."""
+
+    def __init__(self, a: nn.Module | None = None, b: nn.Module | None = None):
+        super().__init__()
+        self.a = a if a is not None else get_peft_model(tiny_base_model(0), lora_config())
+        self.b = b if b is not None else get_peft_model(tiny_base_model(1), lora_config())
+
+    def forward(self, input_ids, attention_mask=None, labels=None, audio_labels=None, **audio):
+        logits = (
+            self.a(input_ids=input_ids, attention_mask=attention_mask, **audio).logits
+            + self.b(input_ids=input_ids, attention_mask=attention_mask, **audio).logits
+        )
+        batch = dict(audio, input_ids=input_ids, audio_labels=audio_labels)
+        return {"loss": logits_loss(logits, labels, batch), "logits": logits}
 
 
 class Wrapper(nn.Module):
@@ -223,6 +242,18 @@ class EarliestIsBest(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics["eval_step_score"] = -state.global_step
+
+
+def final_adapter(output_dir) -> dict[str, torch.Tensor]:
+    """The tensors of the final ``lora_adapters`` a run saved into ``output_dir``."""
+    return load_file(str(Path(output_dir) / "lora_adapters" / "adapter_model.safetensors"))
+
+
+def assert_resumed_exactly(resumed_dir, uninterrupted: dict[str, torch.Tensor]) -> None:
+    """The final adapter of the resumed run in ``resumed_dir`` equals the uninterrupted run's, up to float noise."""
+    resumed = final_adapter(resumed_dir)
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
 def assert_same_tensors(actual, expected):

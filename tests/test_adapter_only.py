@@ -2,15 +2,17 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import Trainer
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, verify_adapter
-from tests.models import EarliestIsBest, RandomTokens, make_model, training_args
-
-
-def final_adapter(directory):
-    return load_file(str(directory / "lora_adapters" / "adapter_model.safetensors"))
+from tests.models import (
+    EarliestIsBest,
+    RandomTokens,
+    assert_resumed_exactly,
+    final_adapter,
+    make_model,
+    training_args,
+)
 
 
 def run(output_dir, resume=None, **overrides):
@@ -39,9 +41,7 @@ def test_checkpoints_hold_the_adapter_and_training_state_but_no_base_weights(tmp
 def test_resume_from_an_adapter_only_checkpoint_is_exact(tmp_path):
     run(tmp_path / "a")
     run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
-    expected, resumed = final_adapter(tmp_path / "a"), final_adapter(tmp_path / "b")
-    for key, value in expected.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert_resumed_exactly(tmp_path / "b", final_adapter(tmp_path / "a"))
     # (had the adapter not been loaded, steps 3-4 would start from lora_B == 0 and end elsewhere)
 
 

@@ -27,6 +27,7 @@ from tests.models import (
     tiny_base_model,
     training_args,
 )
+from tests.payloads import MaliciousPickle
 
 ALPHA = "8"  # tests.models.lora_config: lora_alpha = 2 * r = 8
 
@@ -108,12 +109,9 @@ def test_pytorch_model_bin_gives_the_same_adapter(checkpoint, old_runs, tmp_path
 
 def test_a_malicious_pickle_is_refused_and_runs_nothing(checkpoint, tmp_path, capsys):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
-    torch.save({"model.base_model.model.x.lora_A.default.weight": Payload()}, checkpoint / "pytorch_model.bin")
+    torch.save(
+        {"model.base_model.model.x.lora_A.default.weight": MaliciousPickle(marker)}, checkpoint / "pytorch_model.bin"
+    )
     (checkpoint / "model.safetensors").unlink()
     code, _, err = run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "out", "--lora-alpha", ALPHA)
     assert code == 1
@@ -145,12 +143,7 @@ def test_lora_alpha_from_the_runs_training_args(checkpoint, tmp_path, capsys):
 
 def test_training_args_are_read_without_running_their_pickle(checkpoint, tmp_path, capsys):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
-    torch.save({"lora_alpha": 8.0, "x": Payload()}, checkpoint / "training_args.bin")
+    torch.save({"lora_alpha": 8.0, "x": MaliciousPickle(marker)}, checkpoint / "training_args.bin")
     assert run_cli(capsys, "extract", checkpoint, "-o", tmp_path / "out")[0] == 0
     assert not marker.exists()
 

@@ -9,20 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from higgs_trainer import AmbiguousLoraModelError, LoraModelNotFoundError, find_lora_model
-from tests.models import Wrapper, lora_config, make_model, tiny_base_model
-
-
-class Pair(nn.Module):
-    """A model holding two PEFT components, at ``a`` and ``b``."""
-
-    def __init__(self, a: nn.Module, b: nn.Module):
-        super().__init__()
-        self.a = a
-        self.b = b
-
-
-def two_components() -> Pair:
-    return Pair(get_peft_model(tiny_base_model(0), lora_config()), get_peft_model(tiny_base_model(1), lora_config()))
+from tests.models import TwoComponents, Wrapper, lora_config, make_model, tiny_base_model
 
 
 def free_port() -> int:
@@ -109,7 +96,7 @@ def test_no_peft_model_says_what_was_searched_and_how_to_fix_it():
 
 def test_two_distinct_peft_models_are_ambiguous_and_both_are_named():
     with pytest.raises(AmbiguousLoraModelError) as info:
-        find_lora_model(two_components())
+        find_lora_model(TwoComponents())
     message = str(info.value)
     assert "'a'" in message and "'b'" in message
     assert "lora_model_path" in message
@@ -117,7 +104,7 @@ def test_two_distinct_peft_models_are_ambiguous_and_both_are_named():
 
 
 def test_path_selects_one_of_several():
-    pair = two_components()
+    pair = TwoComponents()
     component = find_lora_model(pair, path="b")
     assert component.path == "b" and component.model is pair.b
     assert find_lora_model(pair, path="a").model is pair.a
@@ -125,7 +112,7 @@ def test_path_selects_one_of_several():
 
 def test_a_wrong_path_lists_the_paths_found():
     with pytest.raises(LoraModelNotFoundError) as info:
-        find_lora_model(two_components(), path="c")
+        find_lora_model(TwoComponents(), path="c")
     message = str(info.value)
     assert "'c'" in message and "'a'" in message and "'b'" in message
     assert isinstance(info.value, ValueError)
@@ -136,6 +123,6 @@ def test_a_wrong_path_lists_the_paths_found():
 
 def test_the_same_peft_model_at_two_attributes_counts_once():
     peft_model = get_peft_model(tiny_base_model(), lora_config())
-    pair = Pair(peft_model, peft_model)
+    pair = TwoComponents(peft_model, peft_model)
     component = find_lora_model(pair)
     assert component.path == "a" and component.model is peft_model

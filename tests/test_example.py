@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
-from tests.models import HIGGS_STACK
+from tests.models import HIGGS_STACK, assert_resumed_exactly, final_adapter
 
 pytestmark = pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal imports only on the Higgs stack")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_higgs_lora.py"
@@ -131,10 +131,7 @@ def test_resume_from_an_adapter_only_checkpoint_gives_the_uninterrupted_adapter(
     assert not (tmp_path / "a" / "checkpoint-2" / "model.safetensors").exists()
     resumed = ["--output-dir", str(tmp_path / "b"), "--resume-from-checkpoint", str(tmp_path / "a" / "checkpoint-2")]
     assert example.main([*resumed, *common]) == 0
-    uninterrupted = load_file(str(tmp_path / "a" / "lora_adapters" / "adapter_model.safetensors"))
-    again = load_file(str(tmp_path / "b" / "lora_adapters" / "adapter_model.safetensors"))
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(again[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert_resumed_exactly(tmp_path / "b", final_adapter(tmp_path / "a"))
 
 
 def test_train_audio_head_trains_the_heads_whole_and_the_adapter_reproduces_them(example, tmp_path):

@@ -26,6 +26,7 @@ from higgs_trainer.saving import clone_shared_tensors, expected_adapter_shapes
 from tests.cli import run_cli
 from tests.models import (
     SpeechSamples,
+    assert_resumed_exactly,
     assert_same_tensors,
     heads_to_save,
     make_speech_model,
@@ -261,9 +262,7 @@ def test_resume_from_checkpoint_2_gives_the_uninterrupted_adapter(runs, adapter_
     trainer = speech_trainer(model, tmp_path / "resumed", adapter_only=adapter_only)
     trainer.train(resume_from_checkpoint=str(source / "checkpoint-2"))
     trainer.save_model()
-    resumed = load_file(str(tmp_path / "resumed" / "lora_adapters" / WEIGHTS))
-    for key, value in run.recorder.by_step[4].items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert_resumed_exactly(tmp_path / "resumed", run.recorder.by_step[4])
 
 
 def _layout_shapes(**extra):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
@@ -26,33 +26,15 @@ from higgs_trainer import (
 from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
 from tests.models import (
     RandomTokens,
+    TwoComponents,
     Wrapper,
     assert_same_tensors,
-    logits_loss,
     logits_of,
-    lora_config,
     make_model,
     probe_batch,
     tiny_base_model,
     training_args,
 )
-
-
-class TwoComponents(nn.Module):
-    """Two PEFT components, ``a`` and ``b``, both in the forward pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = get_peft_model(tiny_base_model(0), lora_config())
-        self.b = get_peft_model(tiny_base_model(1), lora_config())
-
-    def forward(self, input_ids, attention_mask=None, labels=None, audio_labels=None, **audio):
-        logits = (
-            self.a(input_ids=input_ids, attention_mask=attention_mask, **audio).logits
-            + self.b(input_ids=input_ids, attention_mask=attention_mask, **audio).logits
-        )
-        batch = dict(audio, input_ids=input_ids, audio_labels=audio_labels)
-        return {"loss": logits_loss(logits, labels, batch), "logits": logits}
 
 
 def files_under(directory: Path) -> list[Path]:

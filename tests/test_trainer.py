@@ -15,6 +15,7 @@ from tests.models import (
     HIGGS_STACK,
     EarliestIsBest,
     RandomTokens,
+    assert_resumed_exactly,
     assert_same_tensors,
     causal_lm_loss,
     logits_loss,
@@ -169,9 +170,7 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_adapter(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     resumed.save_model()
     assert resumed.state.global_step == 4
-    final = adapter_of(resumed_dir / "lora_adapters")
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(final[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert_resumed_exactly(resumed_dir, uninterrupted)
     assert json.loads((resumed_dir / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
 
 

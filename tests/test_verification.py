@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import shutil
 
 import pytest
 import torch
@@ -37,10 +36,6 @@ def write_adapter(directory: pathlib.Path, config: dict, tensors: dict) -> pathl
     (directory / CONFIG).write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS))
     return directory
-
-
-def copy_of(saved, tmp_path) -> pathlib.Path:
-    return pathlib.Path(shutil.copytree(saved[0], tmp_path / "adapter"))
 
 
 def assert_problem(directory, text, expected_shapes=None):
@@ -96,13 +91,8 @@ def test_expected_shapes_that_differ_are_reported(saved):
     assert_problem(directory, "not in the model", fewer)
 
 
-# crafted bad variants
-
-
-def test_non_lora_peft_type(good, tmp_path):
-    config, tensors = good
-    directory = write_adapter(tmp_path / "a", dict(config, peft_type="IA3"), tensors)
-    assert_problem(directory, "not 'LORA'")
+# crafted bad variants: tests/test_damaged_adapters.py runs each through the API and the CLI; here, one
+# that also needs the model's expected shapes
 
 
 def test_missing_lora_b(saved, good, tmp_path):
@@ -111,94 +101,3 @@ def test_missing_lora_b(saved, good, tmp_path):
     directory = write_adapter(tmp_path / "a", config, only_a)
     assert_problem(directory, "lack their partner")
     assert_problem(directory, "missing from the file", saved[1])
-
-
-def test_wrapper_prefixed_keys(good, tmp_path):
-    config, tensors = good
-    prefixed = {"model." + k: v for k, v in tensors.items()}
-    assert all(k.startswith("model.base_model.model.") for k in prefixed)
-    directory = write_adapter(tmp_path / "a", config, prefixed)
-    assert_problem(directory, "lack the 'base_model.model.' prefix")
-
-
-def test_adapter_name_segment_in_keys(good, tmp_path):
-    config, tensors = good
-    named = {
-        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in tensors.items()
-    }
-    assert all(".default." in k for k in named)
-    directory = write_adapter(tmp_path / "a", config, named)
-    assert_problem(directory, "adapter-name segment")
-
-
-def test_rank_that_disagrees_with_r(good, tmp_path):
-    config, tensors = good
-    directory = write_adapter(tmp_path / "a", dict(config, r=8), tensors)
-    assert_problem(directory, "ranks that disagree")
-
-
-def test_empty_tensor(good, tmp_path):
-    config, tensors = good
-    key = next(k for k in tensors if "lora_A" in k)
-    directory = write_adapter(tmp_path / "a", config, dict(tensors, **{key: torch.empty(0)}))
-    assert_problem(directory, "empty")
-
-
-def test_nan(good, tmp_path):
-    config, tensors = good
-    key = next(k for k in tensors if "lora_B" in k)
-    directory = write_adapter(
-        tmp_path / "a", config, dict(tensors, **{key: torch.full_like(tensors[key], float("nan"))})
-    )
-    assert_problem(directory, "NaN or inf")
-
-
-def test_truncated_safetensors(saved, tmp_path):
-    directory = copy_of(saved, tmp_path)
-    data = (directory / WEIGHTS).read_bytes()
-    (directory / WEIGHTS).write_bytes(data[: len(data) // 2])
-    assert_problem(directory, "truncated or corrupt")
-
-
-def test_missing_adapter_config(saved, tmp_path):
-    directory = copy_of(saved, tmp_path)
-    (directory / CONFIG).unlink()
-    assert_problem(directory, "adapter_config.json is missing")
-
-
-def test_invalid_json(saved, tmp_path):
-    directory = copy_of(saved, tmp_path)
-    (directory / CONFIG).write_text('{"peft_type": "LORA", "r": ')
-    assert_problem(directory, "not valid JSON")
-
-
-def test_missing_weights(saved, tmp_path):
-    directory = copy_of(saved, tmp_path)
-    (directory / WEIGHTS).unlink()
-    assert_problem(directory, "has no adapter_model.safetensors")
-
-
-class Payload:
-    """Unpickling this would create ``marker``: a stand-in for arbitrary code in a malicious checkpoint."""
-
-    def __init__(self, marker: pathlib.Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
-def test_a_malicious_pickle_is_refused_without_running_it(saved, tmp_path):
-    directory = copy_of(saved, tmp_path)
-    (directory / WEIGHTS).unlink()
-    marker = tmp_path / "pwned"
-    torch.save({"base_model.model.x.lora_A.weight": Payload(marker)}, directory / "adapter_model.bin")
-
-    assert_problem(directory, "weights_only=True refused it")
-    assert not marker.exists()
-
-    # control: the payload is live, an unsafe load runs it
-    control = tmp_path / "control"
-    torch.save({"x": Payload(control)}, tmp_path / "control.bin")
-    torch.load(tmp_path / "control.bin", weights_only=False)
-    assert control.exists()

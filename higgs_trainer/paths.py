@@ -1,0 +1,245 @@
+"""Which directories a path stands for, and reading an adapter's files: the one place every command resolves paths.
+
+An adapter directory is found by content (its ``adapter_config.json`` or weights), in a checkpoint's
+or run's ``lora_adapters/``, and also where an interrupted re-save left it moved aside
+(`atomic.find_directory`), so every reader sees the same adapter.
+
+Examples:
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
+    >>> directory = resolve_adapter_dir("out/checkpoint-500")
+    >>> sorted(read_adapter_tensors(directory))
+    ['base_model.model.q_proj.lora_A.weight', 'base_model.model.q_proj.lora_B.weight']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .atomic import find_directory
+from .errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
+from .names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
+
+logger = logging.getLogger(__name__)
+
+
+# directories the user names
+
+
+def existing_directory(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a ``Path``; `UsageError` when it does not exist or is not a directory.
+
+    Examples:
+        >>> existing_directory("/", "base model")
+        PosixPath('/')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path} is a file; pass the directory that holds it")
+    return path
+
+
+def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
+
+    Refuses (`UsageError`) an output that is a file or a symbolic link, that is or contains the
+    current directory, or that is or contains one of ``inputs``: writing it replaces the whole
+    directory, so ``--overwrite`` must never reach what is being read.
+
+    Examples:
+        >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
+        PosixPath('/tmp/does-not-exist-yet')
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise UsageError(f"output {path} is a symbolic link; name the directory it points to ({path.resolve()})")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output {path} exists and is a file")
+    resolved = path.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise UsageError(f"output {path} is (or contains) the current directory; name a new directory")
+    for source in inputs:
+        if Path(source).resolve().is_relative_to(resolved):
+            raise UsageError(f"output {path} would replace the input {source}; choose another output directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
+    return path if path.name not in ("", ".", "..") else resolved
+
+
+# adapter directories
+
+
+def holds_adapter_files(directory: Path) -> bool:
+    """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
+
+    Examples:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> holds_adapter_files(Path("out/lora_adapters")), holds_adapter_files(Path("out"))
+        (True, False)
+    """
+    return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
+
+
+def _step(checkpoint: Path) -> tuple[int, str]:
+    suffix = checkpoint.name.rsplit("-", 1)[-1]
+    return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
+
+
+def adapter_dirs_of(path: str | Path) -> list[Path]:
+    """The adapter directories ``path`` stands for: itself, a checkpoint's ``lora_adapters``, or a run's final and every ``checkpoint-*``.
+
+    A checkpoint that holds full weights but no ``lora_adapters`` still yields its (missing)
+    ``lora_adapters`` path, so the check reports it. Raises `AdapterVerificationError` when
+    ``path`` is none of these.
+
+    Examples:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
+        >>> for directory in ("out/checkpoint-2", "out/checkpoint-4", "out"):
+        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
+        >>> [str(p) for p in adapter_dirs_of("out")]
+        ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
+    """
+    path = find_directory(path)
+    if not path.is_dir():
+        raise AdapterVerificationError(f"{path} is not a directory")
+    if holds_adapter_files(path):
+        return _with_named_adapters(path)
+    own = own_adapter_dir(path)
+    has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
+    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
+    if not has_own and not checkpoints:
+        raise AdapterVerificationError(
+            f"{path} is not an adapter, checkpoint or run directory: no {CONFIG_NAME}, no {ADAPTER_DIRNAME}/, "
+            "no model weights, no checkpoint-*/"
+        )
+    return [
+        d
+        for a in ([own] if has_own else []) + [_adapter_of_checkpoint(c) for c in checkpoints]
+        for d in _with_named_adapters(a)
+    ]
+
+
+def _adapter_of_checkpoint(checkpoint: Path) -> Path:
+    """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
+    own = own_adapter_dir(checkpoint)
+    if not own.exists() and holds_adapter_files(checkpoint):
+        return checkpoint
+    return own
+
+
+def _with_named_adapters(directory: Path) -> list[Path]:
+    """``directory`` and the subdirectories peft writes for adapters not named ``default``."""
+    if not directory.is_dir():
+        return [directory]
+    named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
+    top = not named or holds_adapter_files(directory)
+    return ([directory] if top else []) + named
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
+
+    The one-adapter form of `adapter_dirs_of`, for commands that take one adapter (merge, convert).
+
+    Examples:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
+        >>> resolve_adapter_dir("out/checkpoint-500")
+        PosixPath('out/checkpoint-500/lora_adapters')
+    """
+    path = existing_directory(find_directory(path), "adapter")
+    own = own_adapter_dir(path)
+    if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
+        logger.info("Using the adapter in %s", own)
+        return own
+    return path
+
+
+def own_adapter_dir(directory: Path) -> Path:
+    """``directory``'s ``lora_adapters``, or where an interrupted re-save left it moved aside (may not exist).
+
+    Examples:
+        >>> own_adapter_dir(Path("out/checkpoint-500"))
+        PosixPath('out/checkpoint-500/lora_adapters')
+    """
+    return find_directory(directory / ADAPTER_DIRNAME)
+
+
+# reading an adapter's files
+
+
+def read_json_object(path: Path, error: type[HiggsTrainerError]) -> dict:
+    """The JSON object in the file at ``path``; ``error`` with a one-line message when it is unreadable or not an object.
+
+    Examples:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+        >>> read_json_object(Path("out/lora_adapters/adapter_config.json"), AdapterVerificationError)["r"]
+        2
+    """
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {first_line(exc)}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path} does not hold a JSON object")
+    return value
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """Parse ``adapter_config.json`` of an adapter directory."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterVerificationError(f"{path} is missing: not an adapter directory")
+    return read_json_object(path, AdapterVerificationError)
+
+
+def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Load the adapter weights of a directory: safetensors, or a pickle read with ``weights_only=True``."""
+    safe_path, pickle_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
+    if safe_path.is_file():
+        try:
+            with safe_open(str(safe_path), framework="pt", device="cpu") as reader:
+                return {key: reader.get_tensor(key) for key in reader.keys()}
+        except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+            raise AdapterVerificationError(f"cannot read {safe_path} (truncated or corrupt?): {exc}") from exc
+    if pickle_path.is_file():
+        try:
+            state = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterVerificationError(
+                f"cannot read {pickle_path} safely (weights_only=True refused it or it is corrupt): {exc}"
+            ) from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterVerificationError(f"{pickle_path} does not hold a dict of tensors")
+        return state
+    raise AdapterVerificationError(f"{directory} has no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
+
+
+__all__ = [
+    "adapter_dirs_of",
+    "existing_directory",
+    "holds_adapter_files",
+    "output_directory",
+    "own_adapter_dir",
+    "read_adapter_config",
+    "read_adapter_tensors",
+    "read_json_object",
+    "resolve_adapter_dir",
+]
