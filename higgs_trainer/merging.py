@@ -177,13 +177,16 @@ def empty_base_model(base_dir: str | os.PathLike) -> torch.nn.Module:
         return cls(config, **model_init_kwargs(base_dir, cls))
 
 
-def model_init_kwargs(base_dir: str | os.PathLike, cls: type) -> dict[str, Any]:
+def model_init_kwargs(
+    base_dir: str | os.PathLike, cls: type, weight_names: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Constructor arguments the model in ``base_dir`` needs beyond its config, read from its weights' keys.
 
     transformers' ``HiggsAudioV2ForConditionalGeneration`` builds ``text_lm_head`` only with
     ``use_text_head=True``, which its config does not record: built or loaded from the config alone,
     a base trained with a text head loses it (and a ``modules_to_save`` on it lands nowhere). Only
-    the weight files' headers are read; a directory without weights gets ``{}``.
+    the weight files' headers are read (not even those when the caller has ``weight_names``); a directory
+    without weights gets ``{}``.
 
     Examples:
         >>> model_init_kwargs("no-such-dir", torch.nn.Linear)
@@ -191,6 +194,8 @@ def model_init_kwargs(base_dir: str | os.PathLike, cls: type) -> dict[str, Any]:
     """
     if "use_text_head" not in inspect.signature(cls.__init__).parameters:
         return {}
+    if weight_names is not None:
+        return {"use_text_head": True} if "text_lm_head.weight" in weight_names else {}
     try:
         with CheckpointWeights(base_dir) as weights:
             return {"use_text_head": True} if "text_lm_head.weight" in weights.shapes else {}
@@ -255,12 +260,12 @@ def check_base_complete(base_dir: str | os.PathLike, stored: Iterable[str]) -> N
             raise
         logger.warning("not checking that %s holds every weight of its model: %s", base_dir, first_line(exc))
         return
+    stored = set(stored)
     with torch.device("meta"):  # not accelerate's init_empty_weights, which re-creates parameters and unties them
-        model = cls(config, **model_init_kwargs(base_dir, cls))
+        model = cls(config, **model_init_kwargs(base_dir, cls, stored))
     names_of: dict[int, list[str]] = {}  # one entry per distinct tensor: tied weights share one
     for name, tensor in model.state_dict(keep_vars=True).items():
         names_of.setdefault(id(tensor), []).append(name)
-    stored = set(stored)
     missing = sorted(name for names in names_of.values() if not stored & set(names) for name in names)
     if missing:
         raise CheckpointError(_incomplete_base(base_dir, cls.__name__, missing))
@@ -474,8 +479,8 @@ def merge_adapter(
         dtype = DTYPES[dtype]
 
     verify_adapter(adapter_dir)
-    tensors = read_adapter_tensors(adapter_dir)
-    untrained = untrained_problem(read_adapter_config(adapter_dir), tensors)  # both paths refuse it
+    config, tensors = read_adapter_config(adapter_dir), read_adapter_tensors(adapter_dir)
+    untrained = untrained_problem(config, tensors)  # both paths refuse it
     if untrained is not None:
         if not allow_untrained:
             raise AdapterVerificationError(
@@ -485,9 +490,19 @@ def merge_adapter(
         logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
     files = safetensors_weight_files(base_dir) if streaming is not False else None
     if files is not None:
-        check_base_complete(base_dir, read_base_tensors(base_dir, files))
+        stored = read_base_tensors(base_dir, files)
+        check_base_complete(base_dir, stored)
         return stream_merge(
-            base_dir, adapter_dir, output, files, dtype=dtype, compare=compare, max_shard_size=max_shard_size
+            base_dir,
+            adapter_dir,
+            output,
+            files,
+            config=config,
+            tensors=tensors,
+            stored=stored,
+            dtype=dtype,
+            compare=compare,
+            max_shard_size=max_shard_size,
         )
     if streaming:
         raise UsageError(f"{base_dir} has no safetensors weights, which the streaming merge reads; {IN_MEMORY}")
@@ -514,7 +529,7 @@ def merge_adapter(
             ) from exc
         _check_applied(peft_model, tensors, adapter_dir)
         merged_modules = sum(1 for lora in map(split_lora_key, tensors) if lora is not None and lora.is_a)
-        saved, _ = saved_modules(read_adapter_config(adapter_dir), tensors)
+        saved, _ = saved_modules(config, tensors)
         if probe is not None:
             logits["adapter"] = _logits(peft_model, probe)
         # In place (safe_merge=False): safe_merge clones every merged weight, a second copy of most of the model.
@@ -537,7 +552,6 @@ def merge_adapter(
         }
     dtype_name = _dtype_name(merged)
     num_parameters = sum(p.numel() for p in merged.parameters())
-    config = read_adapter_config(adapter_dir)
     info = merge_info(base_dir, adapter_dir, config, "in-memory", model_class, dtype_name, merged_modules, saved)
     info["compare"] = comparison
     logger.info("Writing the merged model (%s, %s) to %s", model_class, dtype_name, output)

@@ -643,6 +643,9 @@ def stream_merge(
     output: Path,
     files: list[Path],
     *,
+    config: Mapping,
+    tensors: Mapping[str, torch.Tensor],
+    stored: Mapping[str, StoredTensor],
     dtype: torch.dtype | None = None,
     compare: bool = False,
     max_shard_size: int | str | None = None,
@@ -650,8 +653,9 @@ def stream_merge(
     """Merge the adapter at ``adapter_dir`` into the safetensors ``files`` of ``base_dir`` and write ``output``.
 
     Called by `merging.merge_adapter` after it checked the paths and the adapter; returns its
-    `MergeResult`. ``max_shard_size`` (bytes or a size like ``"5GB"``) defaults to that of the
-    installed transformers' ``save_pretrained``.
+    `MergeResult`. ``config`` and ``tensors`` are the adapter's, ``stored`` the base's tensors
+    (`read_base_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
+    ``"5GB"``) defaults to that of the installed transformers' ``save_pretrained``.
 
     Examples:
         ```python
@@ -659,14 +663,10 @@ def stream_merge(
         ```
     """
     from .merging import MergeResult, copy_support_files, merge_info
-    from .paths import read_adapter_config, read_adapter_tensors
     from .verification import human_size, saved_modules
 
     start = time.perf_counter()
     limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)
-    config = read_adapter_config(adapter_dir)
-    tensors = read_adapter_tensors(adapter_dir)
-    stored = read_base_tensors(base_dir, files)
     plan = plan_merge(config, tensors, stored, adapter_dir)
     saved, _ = saved_modules(config, tensors)  # modules_to_save: their weights are among plan.replace
     out_dtype = _dtype_of(stored, dtype)
