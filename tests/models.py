@@ -435,3 +435,15 @@ def speech_logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[s
     if out.get("audio_logits") is not None:
         result["audio"] = out["audio_logits"].float()
     return result
+
+
+def trained_like(model: nn.Module, amount: float = 0.05) -> nn.Module:
+    """``model`` with every lora_B moved off peft's zero init, as training moves it (verify fails and merge refuses an
+    adapter still at that init)."""
+    from higgs_trainer import find_lora_model
+
+    with torch.no_grad():
+        for name, param in find_lora_model(model).model.named_parameters():
+            if "lora_B" in name:
+                param.add_(amount)
+    return model

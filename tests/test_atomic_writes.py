@@ -24,18 +24,9 @@ from higgs_trainer.resuming import is_adapter_only_checkpoint, load_lora_adapter
 from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import assert_one_line_error, run_cli
 from tests.filesystems import mode_of, small_tmpfs, umask
-from tests.models import RandomTokens, make_model, tiny_base_model, training_args
+from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
 
 ALPHA = 8  # tests.models.lora_config: lora_alpha = 2 * r
-
-
-def trained_like(model):
-    """Move every lora_B off its zero init, as training does (an untrained adapter is refused by merge)."""
-    with torch.no_grad():
-        for name, param in find_lora_model(model).model.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05 * torch.randn_like(param))
-    return model
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
 from higgs_trainer.saving import write_lora_adapters
 from tests.cli import run_cli
-from tests.models import make_model
+from tests.models import make_model, trained_like
 from tests.payloads import MaliciousPickle
 
 CONFIG = "adapter_config.json"
@@ -21,11 +21,7 @@ WEIGHTS = "adapter_model.safetensors"
 @pytest.fixture
 def adapter(tmp_path):
     """A sound adapter from make_model(), its lora_B moved off peft's zero init (as training does)."""
-    model = make_model()
-    with torch.no_grad():
-        for name, param in find_lora_model(model).model.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05)
+    model = trained_like(make_model())
     write_lora_adapters(find_lora_model(model), tmp_path)
     return tmp_path / "lora_adapters"
 

@@ -9,14 +9,13 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, atomic, find_lora_model
 from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import run_cli
 from tests.launch import ROOT
-from tests.models import RandomTokens, make_model, tiny_base_model, training_args
+from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
 
 # 4. signals during extract and merge
 
@@ -26,11 +25,7 @@ def inputs(tmp_path_factory):
     """A base, a trained-looking adapter, and a full checkpoint written without an adapter."""
     root = tmp_path_factory.mktemp("inputs")
     tiny_base_model().save_pretrained(str(root / "base"))
-    model = make_model()
-    with torch.no_grad():
-        for name, param in find_lora_model(model).model.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05)
+    model = trained_like(make_model())
     write_lora_adapters(find_lora_model(model), root)
     (root / "checkpoint-2").mkdir()
     state = {k: v.contiguous() for k, v in clone_shared_tensors(model.state_dict()).items()}

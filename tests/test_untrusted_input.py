@@ -6,13 +6,12 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import find_lora_model
 from higgs_trainer.saving import write_lora_adapters
 from tests.cli import assert_one_line_error, run_cli
-from tests.models import make_model, tiny_base_model
+from tests.models import make_model, tiny_base_model, trained_like
 
 # 1. a model directory's own code never runs, whatever the user answers
 
@@ -38,11 +37,7 @@ def base_with_its_own_code(tmp_path):
 
 @pytest.fixture
 def adapter(tmp_path):
-    model = make_model()
-    with torch.no_grad():
-        for name, param in find_lora_model(model).model.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05)
+    model = trained_like(make_model())
     write_lora_adapters(find_lora_model(model), tmp_path)
     return tmp_path / "lora_adapters"
 
