@@ -27,6 +27,7 @@ from .errors import AdapterSaveError, AdapterVerificationError
 from .gathering import has_fsdp1_units
 from .lora_keys import split_lora_key
 from .names import ADAPTER_DIRNAME, SAFETENSORS_NAME
+from .untrained import untrained_problem
 from .verification import human_size, verify_adapter
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class SavedAdapter:
     num_tensors: int
     num_bytes: int
     seconds: float
+    untrained: tuple[str, ...] = ()  # the adapter directories whose LoRA tensors still equal peft's zero init
 
 
 def expected_adapter_shapes(
@@ -247,12 +249,18 @@ def write_lora_adapters(
         raise AdapterSaveError(
             f"writing the LoRA adapter into {target} failed: {exc} (the previous adapter, if any, is intact)"
         ) from exc
+    untrained = tuple(  # judged on the tensors just written, as verify judges the files
+        str(target if name == "default" else target / name)
+        for name, state in states.items()
+        if untrained_problem(peft_model.peft_config[name].to_dict(), state) is not None
+    )
     saved = SavedAdapter(
         path=str(target),
         component_path=component.display_path,
         num_tensors=sum(s.num_tensors for s in summaries),
         num_bytes=sum(f.stat().st_size for f in target.rglob("*") if f.is_file()),
         seconds=time.perf_counter() - start,
+        untrained=untrained,
     )
     logger.info(
         "Saved LoRA adapter to %s (component %s, %d tensors, %s, %.2f s)",

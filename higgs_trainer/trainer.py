@@ -30,10 +30,9 @@ from .discovery import LoraComponent, canonical_name, find_lora_model, unwrap_mo
 from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
 from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
-from .paths import adapter_dirs_of, read_adapter_config, read_adapter_tensors
 from .resuming import checkpoint_to_resume, is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
-from .untrained import LIKELY_CAUSES, check_lora_trainable, untrained_problem
+from .untrained import LIKELY_CAUSES, check_lora_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -182,16 +181,11 @@ class LoraAdapterSavingMixin:
         """One WARNING when the adapter just saved still equals peft's zero init after at least one optimizer step."""
         if saved is None or self.state.global_step < 1:
             return
-        problems = []
-        for directory in adapter_dirs_of(saved.path):
-            problem = untrained_problem(read_adapter_config(directory), read_adapter_tensors(directory))
-            if problem is not None:
-                problems.append(str(directory))
-        if problems:
+        if saved.untrained:
             logger.warning(
                 "The LoRA adapter saved to %s after %d optimizer step(s) never trained: every lora_B is still zero, "
                 "peft's initialisation, so it changes nothing. Likely causes: %s.",
-                ", ".join(problems),
+                ", ".join(saved.untrained),
                 self.state.global_step,
                 LIKELY_CAUSES,
             )
