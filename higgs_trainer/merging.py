@@ -12,6 +12,7 @@ tokenizer and generation config files and a ``merge_info.json``.
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import json
 import logging
@@ -491,7 +492,6 @@ def merge_adapter(
     files = safetensors_weight_files(base_dir) if streaming is not False else None
     if files is not None:
         stored = read_base_tensors(base_dir, files)
-        check_base_complete(base_dir, stored)
         return stream_merge(
             base_dir,
             adapter_dir,
@@ -503,6 +503,7 @@ def merge_adapter(
             dtype=dtype,
             compare=compare,
             max_shard_size=max_shard_size,
+            check=functools.partial(check_base_complete, base_dir, list(stored)),
         )
     if streaming:
         raise UsageError(f"{base_dir} has no safetensors weights, which the streaming merge reads; {IN_MEMORY}")

@@ -17,7 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import merging
 from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.streaming_merge import read_base_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.streaming_merge import (
+    LoraDelta,
+    Scratch,
+    merge_linear,
+    read_base_tensors,
+    row_blocks,
+    safetensors_weight_files,
+    shard_plan,
+)
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 
@@ -340,3 +348,36 @@ def test_a_wider_model_and_a_large_rank_merge_bit_for_bit(tmp_path, capsys):
     code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
     assert code == 0, err
     assert_bit_equal_to_peft(type(model), base, adapter, tmp_path / "m", torch.bfloat16, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("blocks", [True, False], ids=["in-blocks", "whole"])
+def test_merge_linear_gives_the_bits_of_peft_s_in_place_add(dtype, blocks):
+    """200 rows: two blocks of 64 and one of 72. Whole (as when a shape's probe finds the blocks differ) or in blocks,
+    the weight gets what peft's ``Linear.merge`` gives it: ``weight += (B @ A) * scaling`` on torch's own kernels."""
+    torch.manual_seed(0)
+    weight = (torch.randn(200, 96) * 0.02).to(dtype)
+    delta = LoraDelta("w", torch.randn(8, 96), torch.randn(200, 8) * 0.05, scaling=1.7)
+    expected = weight.clone()
+    expected += (delta.b @ delta.a) * delta.scaling
+    scratch = Scratch()
+    if not blocks:
+        scratch.blocks_exact[(200, 96, 8)] = False
+    merge_linear(weight, delta, scratch)
+    assert (200, 96, 8) in scratch.blocks_exact, "the shape was not probed"
+    assert torch.equal(weight, expected)
+    assert row_blocks(200) == [(0, 64), (64, 128), (128, 200)]
+
+
+def test_layers_whose_rows_are_not_a_multiple_of_the_block_merge_bit_for_bit(tmp_path, capsys):
+    """Uneven blocks (intermediate 200 = 64 + 64 + 72 rows) through the whole merge, fp16, against peft."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**LLAMA, "hidden_size": 128, "intermediate_size": 200, "num_hidden_layers": 1})
+    model = transformers.LlamaForCausalLM(config).to(torch.float16)
+    base, adapter = save_pair(tmp_path, model, LoraConfig(r=8, lora_alpha=12, target_modules=ALL_LINEAR))
+    with torch.no_grad():  # modest LoRA weights: the fp16 merge must stay finite
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        save_file({k: v * 0.05 for k, v in tensors.items()}, str(adapter / "adapter_model.safetensors"))
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
+    assert code == 0, err
+    assert_bit_equal_to_peft(type(model), base, adapter, tmp_path / "m", torch.float16, 7)
