@@ -8,8 +8,11 @@ on disk and the minimum of ``--repeat`` runs:
 
 * bare: safetensors' ``save_file`` of the adapter's tensors (built beforehand) + fsync of the file and directory;
 * ``write_lora_adapters(component, out)``: what an adapter-only checkpoint and the final save write;
-* ``write_lora_adapters(component, out, state_dict=...)``: what a full checkpoint's ``_save`` writes
-  (the whole model's state dict handed over, the component's part sliced out);
+* ``write_lora_adapters(component, out, state_dict=..., state_dict_is_live=True)``: what a full
+  checkpoint's ``_save`` writes without DeepSpeed or FSDP (the whole model's own state dict handed
+  over, the component's part sliced out);
+* ``write_lora_adapters(component, out, state_dict=...)``: the same with a state dict DeepSpeed or
+  FSDP gathered (the shapes it must have are read from the live model as well);
 * ``save_lora_adapters(trainer, out)``: the same for scripts that keep their own Trainer (finds the
   component, checks for sharding first).
 
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         "write_lora_adapters (adapter-only checkpoint, final save)": lambda: write_lora_adapters(
             component, args.out / "live"
         ),
-        "write_lora_adapters(state_dict=...) (full checkpoint)": lambda: write_lora_adapters(
+        "write_lora_adapters(state_dict=..., state_dict_is_live=True) (full checkpoint)": lambda: write_lora_adapters(
+            component, args.out / "full-live", state_dict=state_dict, state_dict_is_live=True
+        ),
+        "write_lora_adapters(state_dict=...) (full checkpoint, DeepSpeed / FSDP gathered)": lambda: write_lora_adapters(
             component, args.out / "full", state_dict=state_dict
         ),
         "save_lora_adapters(trainer)": lambda: save_lora_adapters(trainer, args.out / "script"),

@@ -177,12 +177,16 @@ def write_lora_adapters(
     state_dict: dict[str, torch.Tensor] | None = None,
     save_embedding_layers: bool = False,
     dirname: str = ADAPTER_DIRNAME,
+    state_dict_is_live: bool = False,
 ) -> SavedAdapter:
     """Save ``component``'s adapter(s) into ``output_dir/lora_adapters`` atomically, then verify.
 
     ``state_dict`` is the whole (unwrapped) model's state dict when the caller has one (the
     gathered dict DeepSpeed or FSDP hand to ``Trainer._save``); the component's part is sliced
-    out by its path. Without it the live parameters are saved. Call on one process only.
+    out by its path. Without it the live parameters are saved. ``state_dict_is_live`` says the
+    state dict holds the live tensors themselves (``model.state_dict()`` of an unsharded model, as
+    `HiggsLoraTrainer._save` builds it without DeepSpeed or FSDP): the shapes the file must have
+    are then read from it, instead of from the live model a second time. Call on one process only.
 
     Raises:
         AdapterSaveError: writing failed (previous adapter left intact).
@@ -209,24 +213,37 @@ def write_lora_adapters(
                 f"({len(state_dict)} keys in all); refusing to write an empty adapter to {target}. "
                 "Under DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true."
             )
-    # The expected shapes come from the live model; what is written from the state dict passed, if any, else from
-    # the same live adapter state (built once).
-    live = {
-        name: _adapter_state(peft_model, name, save_embedding_layers, component_state)
-        for name in peft_model.peft_config
-    }
-    expected = {
-        name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
-        for name, state in live.items()
-    }
-    states = live
-    if component_state is not None:
+    # The expected shapes come from the live model (DeepSpeed's ds_shape where partitioned); what is written from the
+    # state dict passed, if any, else from the same live adapter state (built once). A state dict of the live tensors
+    # themselves (state_dict_is_live) serves as both: the live model would only be asked for the same shapes again.
+    if component_state is not None and state_dict_is_live:
         states = {
             name: get_peft_model_state_dict(
                 peft_model, state_dict=component_state, adapter_name=name, save_embedding_layers=save_embedding_layers
             )
             for name in peft_model.peft_config
         }
+        live = states
+    else:
+        live = {
+            name: _adapter_state(peft_model, name, save_embedding_layers, component_state)
+            for name in peft_model.peft_config
+        }
+        states = live
+        if component_state is not None:
+            states = {
+                name: get_peft_model_state_dict(
+                    peft_model,
+                    state_dict=component_state,
+                    adapter_name=name,
+                    save_embedding_layers=save_embedding_layers,
+                )
+                for name in peft_model.peft_config
+            }
+    expected = {
+        name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
+        for name, state in live.items()
+    }
     for name, shapes in expected.items():
         _check_every_lora_layer_selected(peft_model, name, shapes, target)
     try:

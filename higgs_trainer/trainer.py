@@ -232,6 +232,7 @@ class LoraAdapterSavingMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        live = state_dict is None  # Trainer hands _save a state dict only where it gathered one (DeepSpeed, FSDP)
         if self.args.should_save and not isinstance(self.model, (PreTrainedModel, PeftModel)):
             # One state dict serves the full checkpoint and the adapter; tied tensors get their own storage.
             state_dict = clone_shared_tensors(self.model.state_dict() if state_dict is None else state_dict)
@@ -243,6 +244,7 @@ class LoraAdapterSavingMixin:
                 output_dir,
                 state_dict=state_dict,
                 save_embedding_layers=self.save_embedding_layers,
+                state_dict_is_live=live and not (self.is_deepspeed_enabled or self.is_fsdp_enabled),
             )
             self._warn_if_untrained(self.last_saved_adapter)
 

@@ -212,6 +212,16 @@ def test_an_adapter_of_empty_partitioned_tensors_is_refused(tmp_path):
     assert residue(out) == []
 
 
+def test_a_live_state_dict_writes_the_files_the_live_model_would(tmp_path):
+    """state_dict_is_live (Trainer._save's own model.state_dict()) takes the expected shapes from it: same files."""
+    model = make_model()
+    component = find_lora_model(model)
+    live = write_lora_adapters(component, tmp_path / "live")
+    sliced = write_lora_adapters(component, tmp_path / "sliced", state_dict=model.state_dict(), state_dict_is_live=True)
+    assert sliced.num_tensors == live.num_tensors > 0
+    assert snapshot(tmp_path / "sliced" / "lora_adapters") == snapshot(tmp_path / "live" / "lora_adapters")
+
+
 # d. save_lora_adapters for scripts that keep a plain Trainer
 
 
