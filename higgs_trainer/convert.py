@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import struct
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -49,6 +48,7 @@ from .paths import (
     read_adapter_tensors,
     read_json_object,
 )
+from .safetensors_files import header_bytes, safetensors_weight_files
 from .verification import lora_config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -365,18 +365,11 @@ def _empty_model(base: Path, to: str) -> torch.nn.Module:
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    if (directory / SAFE_INDEX).is_file():
-        index = read_json_object(directory / SAFE_INDEX, CheckpointError)
-        names = sorted(set((index.get("weight_map") or {}).values()))
-        if not names:
-            raise CheckpointError(f"{directory / SAFE_INDEX} has no weight_map")
-        files = [directory / name for name in names]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{directory} lacks {len(absent)} shard(s) its index names: {listed(absent)}")
+    files = safetensors_weight_files(directory)
+    if files:
         return files
-    if (directory / SAFE_WEIGHTS).is_file():
-        return [directory / SAFE_WEIGHTS]
+    if files is not None:
+        raise CheckpointError(f"{directory / SAFE_INDEX} has no weight_map")
     if any(directory.glob("*.bin")):
         raise UsageError(
             f"{directory} holds pickled weights; save the model with safetensors first (convert reads only those)"
@@ -466,20 +459,12 @@ def _write_safetensors(path: Path, items: list[_Planned]) -> int:
     each input tensor is read with its own short-lived ``safe_open`` (so no mapping of the inputs
     stays resident) and its bytes are written straight from it; the two halves of a split weight are
     written one after the other, which is their row concatenation. Memory follows the largest
-    tensor, not the shard. The format: an 8-byte little-endian header length, the JSON header
-    (dtype, shape, data_offsets per tensor), then the raw bytes.
+    tensor, not the shard. The header is `safetensors_files.header_bytes`'s.
     """
-    header, offset = {}, 0
-    for item in items:
-        size = math.prod(item.shape) * _DTYPE_BYTES[item.dtype]
-        header[item.key] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    entries = [(item.key, item.dtype, item.shape, math.prod(item.shape) * _DTYPE_BYTES[item.dtype])
+               for item in items]  # fmt: skip
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
+        handle.write(header_bytes(entries))
         for item in items:
             rows = 0
             for file, key in item.parts:
@@ -492,7 +477,7 @@ def _write_safetensors(path: Path, items: list[_Planned]) -> int:
                 del tensor
             if rows != (item.shape[0] if item.shape else 1):
                 raise CheckpointError(f"{item.parts[0][0]}: {item.parts[0][1]} is not the shape its header says")
-    return offset
+    return sum(entry[3] for entry in entries)
 
 
 def _convert_model(source: Path, target: Path, to: str, result: ConvertResult) -> None:

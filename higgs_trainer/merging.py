@@ -44,6 +44,7 @@ from .errors import (
     listed,
 )
 from .lora_keys import split_lora_key
+from .merge_plan import IN_MEMORY
 from .names import PEFT_KEY_PREFIX
 from .paths import (
     existing_directory,
@@ -53,7 +54,8 @@ from .paths import (
     read_json_object,
     resolve_adapter_dir,
 )
-from .streaming_merge import IN_MEMORY, read_base_tensors, safetensors_weight_files, stream_merge
+from .safetensors_files import read_base_tensors, safetensors_weight_files
+from .streaming_merge import stream_merge
 from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,

@@ -16,16 +16,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import merging
+from higgs_trainer.merge_arithmetic import Scratch, merge_linear, row_blocks
+from higgs_trainer.merge_plan import LoraDelta
 from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.streaming_merge import (
-    LoraDelta,
-    Scratch,
-    merge_linear,
-    read_base_tensors,
-    row_blocks,
-    safetensors_weight_files,
-    shard_plan,
-)
+from higgs_trainer.safetensors_files import read_base_tensors, safetensors_weight_files, shard_plan
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 
