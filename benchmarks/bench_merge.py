@@ -21,6 +21,7 @@ process after evicting the base from the page cache (``posix_fadvise(DONTNEED)``
 
 Peak RSS is the child's ``ru_maxrss``; peak anonymous memory and device reads are sampled every 5 ms.
 The copy and the streaming merge alternate ``--rounds`` times; their median work times are compared.
+As root, the whole page cache is dropped before each run as well (``--no-drop-caches`` to keep it).
 Targets (issue 12): streaming peak RSS at most ``import torch`` + 2x the largest tensor + 256 MiB;
 streaming time at most 1.5x the copy; at least 4x faster than in-memory.
 """
@@ -258,6 +259,18 @@ def child(mode: str, args: list[str]) -> None:
         raise SystemExit(code)
 
 
+def drop_page_cache() -> None:
+    """Empty the whole page cache (root only): every run then starts with the same free memory.
+
+    A page cache left full by the runs before (the base read, the outputs written) makes the next
+    run reclaim pages as it reads and writes: on the benchmark machine the same merge took 8 s
+    with 19 GiB cached and 5 s after dropping it.
+    """
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as handle:
+        handle.write("3\n")
+
+
 def _available_mib() -> float:
     return next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) / 1024
 
@@ -269,6 +282,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=10, help="LoRA rank on all seven projections")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-merge"))
     parser.add_argument("--rounds", type=int, default=3, help="copy and streaming runs, alternating (medians kept)")
+    parser.add_argument(
+        "--drop-caches",
+        action=argparse.BooleanOptionalAction,
+        default=os.access("/proc/sys/vm/drop_caches", os.W_OK),
+        help="empty the page cache before each run (default: when this process may, i.e. as root)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out: inmemory, community")
     parser.add_argument("--json-out", type=Path, help="also write the results here")
     parser.add_argument("--clean", action="store_true", help="delete the fixtures when done")
@@ -290,6 +309,8 @@ def main() -> None:
     def run(name: str, *child_args: str, output: Path, keep: bool = False) -> None:
         shutil.rmtree(output, ignore_errors=True)
         evict(base)
+        if args.drop_caches:
+            drop_page_cache()
         print(f"running {name} ...", file=sys.stderr)
         results[name] = measure(*child_args)
         if not keep:
@@ -341,7 +362,7 @@ def main() -> None:
     machine = measure("machine")
     summary = {
         "machine": machine, "inputs": info, "results": results, "rounds": rounds, "ratios": ratios,
-        "load": os.getloadavg(),
+        "load": os.getloadavg(), "drop_caches": args.drop_caches,
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
     if args.json_out:
