@@ -408,7 +408,7 @@ def merge_info(
         "adapter_config": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
         "merged_modules": merged_modules,
         "modules_to_save": modules_to_save,
-        "merged_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "merged_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "compare": None,
     }
