@@ -316,6 +316,8 @@ def stream_merge(
     info = merge_info(base_dir, adapter_dir, config, "streaming", None, dtype_name, merged_modules, saved)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="merge-check") as checker, staged_directory(output) as staging:
+            # The check builds its model under torch.device("meta"), a mode of its own thread only: the merge's
+            # tensors on this thread stay on the CPU.
             checked = checker.submit(check) if check is not None else None
             num_bytes = write_merged_weights(stored, plan, staging, dtype, limit, checked)
             if checked is not None:
