@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
+
+from bench_extract_merge import measure as measure_child
 
 VOCAB, HEADS, KV_HEADS = 128256, 16, 4
 
@@ -66,44 +64,9 @@ def build(work: Path, layers: int, hidden: int) -> dict:
     return {"source": str(source)}
 
 
-def _status_kb(pid: int) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return {
-                line.split(":")[0]: int(line.split()[1]) for line in handle if line.startswith(("RssAnon", "VmHWM"))
-            }
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
 def measure(mode: str, *args: str) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], stdout=subprocess.PIPE, text=True)
-    peaks = {"RssAnon": 0, "VmHWM": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            for key, value in _status_kb(proc.pid).items():
-                peaks[key] = max(peaks[key], value)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"child {mode} failed")
-    result = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
-    result.update(
-        mode=mode,
-        process_seconds=round(time.perf_counter() - start, 2),
-        peak_rss_mb=round(usage.ru_maxrss / 1024),
-        peak_anon_mb=round(peaks["RssAnon"] / 1024),
-    )
-    return result
+    """This script's child ``mode`` in a fresh process, measured (`bench_extract_merge.measure`)."""
+    return measure_child(mode, *args, script=__file__)
 
 
 def child(mode: str, args: list[str]) -> None:
@@ -145,7 +108,7 @@ def main() -> None:
         "largest_tensor_mib": round(largest / mib),
         "import_floor": floor,
         "convert": run,
-        "anon_over_floor_mib": run["peak_anon_mb"] - floor["peak_anon_mb"],
+        "anon_over_floor_mib": round(run["peak_anon_mb"] - floor["peak_anon_mb"]),
     }
     print(json.dumps(report, indent=2))
 

@@ -154,10 +154,14 @@ def _status_kb(pid: int) -> dict[str, int]:
         return {}
 
 
-def measure(mode: str, *args: str) -> dict:
-    """Run this script's child ``mode`` in a fresh process; its peak RSS, peak anonymous RSS, times and result."""
+def measure(mode: str, *args: str, script: str = __file__) -> dict:
+    """Run ``script``'s child ``mode`` in a fresh process; its peak RSS, peak anonymous RSS, times and result.
+
+    The benchmarks of this folder each pass their own ``script``, whose ``--child MODE ARGS`` does one
+    thing and prints its result as JSON on its last line.
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, script, "--child", mode, *args], stdout=subprocess.PIPE, text=True)
     peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0, "rchar": 0, "read_bytes": 0}
     done = threading.Event()
 

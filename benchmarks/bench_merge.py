@@ -33,14 +33,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench_extract_merge import HEADS, HIDDEN, INTERMEDIATE, TARGETS, VOCAB, _io_bytes, _status_kb, evict, layers_for
+from bench_extract_merge import HEADS, HIDDEN, INTERMEDIATE, TARGETS, VOCAB, evict, layers_for
 from bench_extract_merge import machine as machine_info
+from bench_extract_merge import measure as measure_child
 
 SHARD_BYTES = 5 * 10**9  # transformers 4.46's save_pretrained default, "5GB"
 LORA_ALPHA = 20
@@ -155,36 +154,8 @@ def build(work: Path, shape: str, layers: int, rank: int) -> dict:
 
 
 def measure(mode: str, *args: str) -> dict:
-    """Run this script's child ``mode`` in a fresh process; its peak RSS, peak anonymous RSS, times and result."""
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], stdout=subprocess.PIPE, text=True)
-    peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0, "rchar": 0, "read_bytes": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            for key, value in {**_status_kb(proc.pid), **_io_bytes(proc.pid)}.items():
-                peaks[key] = max(peaks.get(key, 0), value)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"child {mode} failed with status {code}")
-    result = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
-    result.update(
-        mode=mode,
-        process_seconds=time.perf_counter() - start,
-        peak_rss_mb=usage.ru_maxrss / 1024,
-        peak_anon_mb=peaks["RssAnon"] / 1024,
-        device_read_mb=peaks["read_bytes"] / 2**20,
-    )
-    return result
+    """This script's child ``mode`` in a fresh process, measured (`bench_extract_merge.measure`)."""
+    return measure_child(mode, *args, script=__file__)
 
 
 def _weight_files(base: Path) -> list[Path]:
