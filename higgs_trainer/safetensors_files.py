@@ -38,14 +38,8 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on a header's size
-
-
 _COPY_CHUNK = 64 * 2**20
 
 

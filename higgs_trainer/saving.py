@@ -216,30 +216,22 @@ def write_lora_adapters(
     # The expected shapes come from the live model (DeepSpeed's ds_shape where partitioned); what is written from the
     # state dict passed, if any, else from the same live adapter state (built once). A state dict of the live tensors
     # themselves (state_dict_is_live) serves as both: the live model would only be asked for the same shapes again.
-    if component_state is not None and state_dict_is_live:
-        states = {
+    written = None
+    if component_state is not None:
+        written = {
             name: get_peft_model_state_dict(
                 peft_model, state_dict=component_state, adapter_name=name, save_embedding_layers=save_embedding_layers
             )
             for name in peft_model.peft_config
         }
-        live = states
+    if written is not None and state_dict_is_live:
+        live = written
     else:
         live = {
             name: _adapter_state(peft_model, name, save_embedding_layers, component_state)
             for name in peft_model.peft_config
         }
-        states = live
-        if component_state is not None:
-            states = {
-                name: get_peft_model_state_dict(
-                    peft_model,
-                    state_dict=component_state,
-                    adapter_name=name,
-                    save_embedding_layers=save_embedding_layers,
-                )
-                for name in peft_model.peft_config
-            }
+    states = live if written is None else written
     expected = {
         name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
         for name, state in live.items()

@@ -45,13 +45,8 @@ from .safetensors_files import (
 
 logger = logging.getLogger(__name__)
 
-
 _IN_FLIGHT = 2  # computed tensors waiting for the writer thread, at most
-
-
 _READ_AHEAD = 2  # base tensors read ahead of the computation, at most
-
-
 _PIPELINE_BYTES = 96 * 2**20  # bytes read ahead, or waiting to be written, at most (one larger tensor at a time)
 
 
