@@ -30,11 +30,10 @@ if mode.startswith("zero3"):
 elif mode.startswith("fsdp"):
     engine["fsdp"] = "full_shard auto_wrap"
     engine["fsdp_config"] = {
-        "transformer_layer_cls_to_wrap": [
-            "LlamaDecoderLayer",
-            "HiggsAudioDualFFNDecoderLayer",
-            "HiggsAudioV2DecoderLayer",
-        ],
+        # The decoder layer classes this model has: accelerate >= 1.9 refuses a listed class the model lacks.
+        "transformer_layer_cls_to_wrap": sorted(
+            {type(m).__name__ for m in tiny_base_model().modules() if type(m).__name__.endswith("DecoderLayer")}
+        ),
         "state_dict_type": "FULL_STATE_DICT" if mode == "fsdp-full" else "SHARDED_STATE_DICT",
         "use_orig_params": True,
     }
