@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # then unpacked and the wheel built from it, as `python -m build` does, so a file missing from the sdist fails here).
 BUILD_INPUTS = ["pyproject.toml", "setup.cfg", "README.md", "LICENSE", "higgs_trainer", "higgs_trainer_cli.py"]
 # Imported by higgs_trainer but not a requirement: boson-multimodal only where a boson model is merged or loaded
-# (the user's Higgs setup installs it), deepspeed only under DeepSpeed (the `deepspeed` extra).
-OPTIONAL_IMPORTS = {"boson_multimodal": None, "deepspeed": "deepspeed"}
+# (the user's Higgs setup installs it), deepspeed only under DeepSpeed (the `deepspeed` extra), soundfile and
+# matplotlib only by higgs_trainer.speech (the `speech` extra).
+OPTIONAL_IMPORTS = {"boson_multimodal": None, "deepspeed": "deepspeed", "soundfile": "speech", "matplotlib": "speech"}
 
 
 def run(cmd, cwd, env=None):
@@ -89,13 +90,13 @@ def test_sdist_and_wheel_carry_the_version_license_and_metadata(dists):
     assert metadata["Requires-Python"] == ">=3.11"
     assert "Apache-2.0" in (metadata["License-Expression"], metadata["License"])
     extras = set(metadata.get_all("Provides-Extra"))
-    assert {"test", "docs", "deepspeed"} <= extras
+    assert {"test", "docs", "deepspeed", "speech"} <= extras
 
 
 def third_party_imports():
     """Top-level module names imported anywhere in higgs_trainer/ that are not the standard library or the package."""
     names = set()
-    for path in (ROOT / "higgs_trainer").glob("*.py"):
+    for path in (ROOT / "higgs_trainer").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
