@@ -23,6 +23,7 @@ from ._compat import (
     check_accelerate_can_unwrap,
     exclude_frozen_parameters_on_save,
     load_optimizer_and_scheduler_on_cpu,
+    reregister_fsdp1_original_parameters,
     rng_state_safe_globals,
 )
 from .atomic import check_replaceable
@@ -225,6 +226,8 @@ class LoraAdapterSavingMixin:
         if self.adapter_only_checkpoints and self._saving_checkpoint:  # checkpoint-N only
             self._save_adapter_only_checkpoint(output_dir if output_dir is not None else self.args.output_dir)
             return
+        if self.is_fsdp_enabled:
+            reregister_fsdp1_original_parameters(self.model_wrapped)  # one process only: see the shim
         super().save_model(output_dir, _internal_call)
         if self._adapter_is_gathered():  # collective: every rank gathers, only the writer writes
             self.last_saved_adapter = save_lora_adapters(self, output_dir)
