@@ -70,7 +70,7 @@ class AdapterSaveError(HiggsTrainerError, RuntimeError):
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
         >>> from higgs_trainer import find_lora_model
-        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> from higgs_trainer.training.saving import write_lora_adapters
         >>> wrapper = torch.nn.Module()
         >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
         >>> write_lora_adapters(find_lora_model(wrapper), "out", state_dict={})

@@ -19,9 +19,9 @@ from higgs_trainer import (
     merge_adapter,
     verify_adapter,
 )
-from higgs_trainer.atomic import staged_directory
-from higgs_trainer.resuming import is_adapter_only_checkpoint, load_lora_adapters
-from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
+from higgs_trainer.files.atomic import staged_directory
+from higgs_trainer.training.resuming import is_adapter_only_checkpoint, load_lora_adapters
+from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import assert_one_line_error, run_cli
 from tests.filesystems import mode_of, small_tmpfs, umask
 from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args

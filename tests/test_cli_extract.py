@@ -14,8 +14,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
-from higgs_trainer import extraction
-from higgs_trainer.saving import clone_shared_tensors
+from higgs_trainer.extract import extraction
+from higgs_trainer.training.saving import clone_shared_tensors
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import (
     HIGGS_STACK,

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from higgs_trainer import CheckpointError, UsageError, convert_layout, layouts
+from higgs_trainer import CheckpointError, UsageError, convert_layout
+from higgs_trainer.convert import layouts
 from tests import higgs_layouts
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK
@@ -274,7 +275,7 @@ def test_python_api_is_exported():
     import higgs_trainer
 
     assert higgs_trainer.convert_layout is convert_layout
-    assert sys.modules["higgs_trainer.convert"].convert_layout is convert_layout
+    assert sys.modules["higgs_trainer.convert.conversion"].convert_layout is convert_layout
 
 
 def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):

@@ -15,11 +15,11 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from higgs_trainer import merging
-from higgs_trainer.merge_arithmetic import Scratch, merge_linear, row_blocks
-from higgs_trainer.merge_plan import LoraDelta
-from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.safetensors_files import read_base_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.files.safetensors_files import read_base_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.merge import merging
+from higgs_trainer.merge.arithmetic import Scratch, merge_linear, row_blocks
+from higgs_trainer.merge.base_model import model_init_kwargs
+from higgs_trainer.merge.plan import LoraDelta
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 

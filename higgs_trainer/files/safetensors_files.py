@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from .errors import CheckpointError, first_line, listed
-from .names import SAFE_INDEX, SAFE_WEIGHTS
+from ..errors import CheckpointError, first_line, listed
+from ..names import SAFE_INDEX, SAFE_WEIGHTS
 
 # safetensors' dtype names and the torch dtypes they stand for.
 SAFETENSORS_DTYPES = {

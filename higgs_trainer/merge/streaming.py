@@ -2,9 +2,9 @@
 
 The base model is never built: its ``config.json`` is copied (with the dtype recorded) and its
 weights are read tensor by tensor from ``model.safetensors`` (or the shards an index names). A
-weight with a LoRA pair gets peft's delta added (`merge_arithmetic`, bit for bit peft's), a
+weight with a LoRA pair gets peft's delta added (`arithmetic`, bit for bit peft's), a
 ``modules_to_save`` weight (or an embedding peft saved beside its LoRA) is replaced by the
-adapter's, and every other tensor's bytes are copied unchanged (`merge_plan` says which is
+adapter's, and every other tensor's bytes are copied unchanged (`plan` says which is
 which). Reading, computing and writing overlap on three threads, so memory follows the largest
 tensor, not the model, and time follows the disk.
 """
@@ -24,14 +24,10 @@ from pathlib import Path
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from .atomic import staged_directory
-from .checkpoint import progress_bar
-from .errors import CheckpointError, HiggsTrainerError, MergeError, first_line
-from .merge_arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
-from .merge_compare import compare_outputs
-from .merge_plan import MergePlan, plan_merge
-from .names import SAFE_INDEX, SAFE_WEIGHTS
-from .safetensors_files import (
+from ..errors import CheckpointError, HiggsTrainerError, MergeError, first_line
+from ..files.atomic import staged_directory
+from ..files.checkpoint import progress_bar
+from ..files.safetensors_files import (
     DTYPE_NAMES,
     StoredTensor,
     copy_bytes,
@@ -42,6 +38,13 @@ from .safetensors_files import (
     write_all,
     write_tensor,
 )
+from ..files.support_files import copy_support_files
+from ..names import SAFE_INDEX, SAFE_WEIGHTS
+from ..verification.checks import human_size, saved_modules
+from .arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
+from .compare import compare_outputs
+from .plan import MergePlan, plan_merge
+from .result import MergeResult, merge_info
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +284,7 @@ def stream_merge(
     `MergeResult`. ``config`` and ``tensors`` are the adapter's, ``stored`` the base's tensors
     (`read_base_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
     ``"5GB"``) defaults to that of the installed transformers' ``save_pretrained``. ``check`` (of the
-    base, `merging.check_base_complete`) runs on a thread while the merge streams (it imports and
+    base, `base_model.check_base_complete`) runs on a thread while the merge streams (it imports and
     builds the model on the meta device, about a second) and must pass before anything is committed.
 
     Examples:
@@ -289,9 +292,6 @@ def stream_merge(
         merge_adapter("base", "out/lora_adapters", "merged").method  # 'streaming' for a safetensors base
         ```
     """
-    from .merging import MergeResult, copy_support_files, merge_info
-    from .verification import human_size, saved_modules
-
     start = time.perf_counter()
     limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)
     plan = plan_merge(config, tensors, stored, adapter_dir)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
+from ..names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
 from .atomic import find_directory
-from .errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
-from .names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -32,14 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import layouts
-from .atomic import staged_directory
-from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
-from .layouts import BOSON, LAYOUTS, TRANSFORMERS
-from .lora_keys import split_lora_key
-from .merging import copy_support_files
-from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from .paths import (
+from ..errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
+from ..files.atomic import staged_directory
+from ..files.paths import (
     adapter_dirs_of,
     existing_directory,
     holds_adapter_files,
@@ -48,8 +43,13 @@ from .paths import (
     read_adapter_tensors,
     read_json_object,
 )
-from .safetensors_files import header_bytes, safetensors_weight_files
-from .verification import lora_config_from_dict
+from ..files.safetensors_files import header_bytes, safetensors_weight_files
+from ..files.support_files import copy_support_files
+from ..lora_keys import split_lora_key
+from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
+from ..verification.checks import lora_config_from_dict
+from . import layouts
+from .layouts import BOSON, LAYOUTS, TRANSFORMERS
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from peft.utils.other import get_pattern_key
 
-from .errors import AdapterVerificationError, MergeError, listed
-from .lora_keys import split_lora_key
-from .names import PEFT_KEY_PREFIX
-from .safetensors_files import StoredTensor
+from ..errors import AdapterVerificationError, MergeError, listed
+from ..files.safetensors_files import StoredTensor
+from ..lora_keys import split_lora_key
+from ..names import PEFT_KEY_PREFIX
 
 IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"
 

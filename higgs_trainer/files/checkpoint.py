@@ -26,13 +26,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .discovery import canonical_name
-from .errors import CheckpointError, UsageError, first_line, listed
-from .lora_keys import split_lora_key
-
-# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
-from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
-from .names import (
+from ..errors import CheckpointError, UsageError, first_line, listed
+from ..lora_keys import split_lora_key
+from ..names import (
     ADAPTER_DIRNAME,
     LORA_PAIRS,
     PEFT_KEY_PREFIX,
@@ -42,6 +38,10 @@ from .names import (
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
+from ..training.discovery import canonical_name
+
+# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
+from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
 from .paths import existing_directory, holds_adapter_files, output_directory
 from .pickles import pickled_attributes
 

@@ -18,19 +18,19 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
 
-from .atomic import staged_directory
-from .checkpoint import (
+from ..errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
+from ..files.atomic import staged_directory
+from ..files.checkpoint import (
     CheckpointWeights,
     LoraLayout,
     LoraSettings,
     find_lora_layout,
     find_lora_settings,
 )
-from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
-from .names import SAFETENSORS_NAME
-from .paths import existing_directory, output_directory
-from .untrained import untrained_problem
-from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
+from ..files.paths import existing_directory, output_directory
+from ..names import SAFETENSORS_NAME
+from ..verification.checks import configured_rank, human_size, lora_config_from_dict, verify_adapter
+from ..verification.untrained import untrained_problem
 
 logger = logging.getLogger(__name__)
 
