@@ -283,3 +283,16 @@ def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
     assert code == 1
     assert_one_line_error(err, "audio tower")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("output", ["checkpoint-2/lora_adapters", "hf", ".", "lora_adapters"])
+def test_output_inside_or_equal_to_the_source_is_refused(tmp_path, capsys, output):
+    # `convert RUN --output RUN/checkpoint-2/lora_adapters --overwrite` once replaced that adapter with its conversion.
+    run = tmp_path / "run"
+    write_adapter(run / "lora_adapters", BOSON_MODULES)
+    write_adapter(run / "checkpoint-2" / "lora_adapters", BOSON_MODULES)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _out, err = run_cli(capsys, "convert", run, "--to", "transformers", "-o", run / output, "--overwrite")
+    assert code == 2
+    assert_one_line_error(err, "lies inside the input" if output != "." else "would replace the input")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
