@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import CheckpointError, UsageError, convert_layout, layouts
 from tests import higgs_layouts
 from tests.cli import assert_one_line_error, run_cli
+from tests.environment import missing
 from tests.models import HIGGS_STACK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +37,7 @@ def on_stack(layout: str, command: str, directory: Path) -> None:
         return
     python = os.environ.get(PYTHON_OF[layout])
     if not python:
-        pytest.skip(
-            f"{PYTHON_OF[layout]} is unset: the {layout} half runs on the other stack (scripts/test.sh sets it)"
-        )
+        missing(f"{PYTHON_OF[layout]} is unset: the {layout} half runs on the other stack (scripts/test.sh sets it)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [python, "-m", "tests.higgs_layouts", command, str(directory)],
