@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -27,7 +28,7 @@ from .checkpoint import (
     find_lora_settings,
 )
 from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
-from .names import SAFETENSORS_NAME
+from .names import CONFIG_NAME, SAFETENSORS_NAME
 from .paths import existing_directory, output_directory
 from .untrained import untrained_problem
 from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
@@ -168,12 +169,15 @@ def extract_adapter(
         >>> from pathlib import Path
         >>> Path("old_run/checkpoint-500").mkdir(parents=True)
         >>> save_file(wrapper.state_dict(), "old_run/checkpoint-500/model.safetensors")  # what Trainer writes for a wrapper
-        >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)
-        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', checkpoint='old_run/checkpoint-500', prefix='model.', r=2, ...)
+        >>> extract_adapter("old_run/checkpoint-500", "rescued", lora_alpha=32)
+        ExtractedAdapter(path='rescued', checkpoint='old_run/checkpoint-500', prefix='model.', r=2, ...)
     """
     start = time.perf_counter()
     checkpoint = existing_directory(checkpoint, "checkpoint")
-    output = output_directory(output, overwrite, inputs=[checkpoint, *([adapter_config] if adapter_config else [])])
+    config_file = Path(adapter_config) if adapter_config else None
+    if config_file is not None and config_file.is_dir():
+        config_file = config_file / CONFIG_NAME  # the file read: an output beside it leaves it alone
+    output = output_directory(output, overwrite, inputs=[checkpoint, *([config_file] if config_file else [])])
     with CheckpointWeights(checkpoint) as weights:
         layout = find_lora_layout(weights.shapes, prefix)
         settings = find_lora_settings(checkpoint, lora_alpha, adapter_config)

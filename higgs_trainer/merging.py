@@ -17,10 +17,9 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from .errors import (
     listed,
 )
 from .lora_keys import split_lora_key
-from .merge_plan import IN_MEMORY
+from .merge_plan import IN_MEMORY, check_floating_targets, lora_target_weights
 from .names import PEFT_KEY_PREFIX
 from .paths import (
     existing_directory,
@@ -54,8 +53,9 @@ from .paths import (
     read_json_object,
     resolve_adapter_dir,
 )
-from .safetensors_files import read_base_tensors, safetensors_weight_files
+from .safetensors_files import StoredTensor, read_stored_tensors, safetensors_weight_files
 from .streaming_merge import stream_merge
+from .support_files import copy_support_files
 from .untrained import untrained_problem
 from .verification import (
     check_adapter_modules,
@@ -67,20 +67,6 @@ from .verification import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Files of the base copied next to the merged weights (tokenizer, generation and processor configs).
-SUPPORT_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "generation_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 HIGGS_MODEL_TYPE = "higgs_audio"
 PROBE_TOKENS = 16
 
@@ -238,6 +224,17 @@ def load_base_model(base_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     return model
 
 
+def _stored_dtypes(base_dir: Path, stored: Mapping[str, StoredTensor] | None) -> dict[str, torch.dtype]:
+    """The dtype of each tensor in the base's weight files, as saved (before any loader casts it); {} without weights."""
+    if stored is not None:
+        return {name: tensor.torch_dtype for name, tensor in stored.items()}
+    try:
+        with CheckpointWeights(base_dir) as weights:  # a pickle is memory-mapped: nothing is copied
+            return weights.dtypes
+    except CheckpointError:  # no weights: loading the base says so
+        return {}
+
+
 def check_base_complete(base_dir: str | os.PathLike, stored: Iterable[str]) -> None:
     """Refuse a base whose weight files lack weights its model has (`CheckpointError` naming them).
 
@@ -358,23 +355,6 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 # writing
 
 
-def copy_support_files(base_dir: Path, directory: Path, patterns: tuple[str, ...] = SUPPORT_FILES) -> list[str]:
-    """Copy the files of ``base_dir`` matching ``patterns`` (tokenizer, processor, ...; never weights) into ``directory``.
-
-    Examples:
-        >>> _ = Path("base").mkdir(), Path("base/tokenizer.json").write_text("{}"), Path("out").mkdir()
-        >>> copy_support_files(Path("base"), Path("out"))
-        ['tokenizer.json']
-    """
-    copied = []
-    for pattern in patterns:
-        for source in sorted(base_dir.glob(pattern)):
-            if source.is_file() and not source.name.endswith((".safetensors", ".bin", ".index.json")):
-                shutil.copy2(source, directory / source.name)
-                copied.append(source.name)
-    return sorted(set(copied))
-
-
 def _dtype_name(model: torch.nn.Module) -> str:
     counts: dict[torch.dtype, int] = {}
     for param in model.parameters():
@@ -491,9 +471,10 @@ def merge_adapter(
                 "(allow_untrained=True) to merge it anyway."
             )
         logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
-    files = safetensors_weight_files(base_dir) if streaming is not False else None
-    if files is not None:
-        stored = read_base_tensors(base_dir, files)
+    # A safetensors base's headers are checked on both paths (what safetensors' loader refuses, a tensor stored twice).
+    files = safetensors_weight_files(base_dir)
+    stored = read_stored_tensors(base_dir, files, "the base model") if files else None
+    if stored is not None and streaming is not False:
         return stream_merge(
             base_dir,
             adapter_dir,
@@ -516,6 +497,7 @@ def merge_adapter(
             f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: " + "; ".join(problems)
         )
 
+    check_floating_targets(_stored_dtypes(base_dir, stored), lora_target_weights(tensors), base_dir)
     logger.info("Loading the base model from %s", base_dir)
     model = load_base_model(base_dir, dtype)
     model_class = type(model).__name__

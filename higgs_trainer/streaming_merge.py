@@ -42,6 +42,7 @@ from .safetensors_files import (
     write_all,
     write_tensor,
 )
+from .support_files import copy_support_files
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def stream_merge(
 
     Called by `merging.merge_adapter` after it checked the paths and the adapter; returns its
     `MergeResult`. ``config`` and ``tensors`` are the adapter's, ``stored`` the base's tensors
-    (`read_base_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
+    (`safetensors_files.read_stored_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
     ``"5GB"``) defaults to that of the installed transformers' ``save_pretrained``. ``check`` (of the
     base, `merging.check_base_complete`) runs on a thread while the merge streams (it imports and
     builds the model on the meta device, about a second) and must pass before anything is committed.
@@ -289,7 +290,7 @@ def stream_merge(
         merge_adapter("base", "out/lora_adapters", "merged").method  # 'streaming' for a safetensors base
         ```
     """
-    from .merging import MergeResult, copy_support_files, merge_info
+    from .merging import MergeResult, merge_info
     from .verification import human_size, saved_modules
 
     start = time.perf_counter()

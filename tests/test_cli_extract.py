@@ -206,8 +206,9 @@ def test_missing_path_is_a_usage_error(tmp_path, capsys):
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("hello")
-    code, _, err = run_cli(capsys, "extract", tmp_path, "-o", tmp_path / "out", "--lora-alpha", ALPHA)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("hello")
+    code, _, err = run_cli(capsys, "extract", tmp_path / "notes", "-o", tmp_path / "out", "--lora-alpha", ALPHA)
     assert code == 1
     assert_one_line_error(err, "is not a checkpoint")
 
@@ -272,7 +273,10 @@ def test_disk_full_leaves_nothing_half_written(checkpoint, tmp_path, capsys, mon
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "extract", tmp_path, "-o", tmp_path / "out", "--lora-alpha", ALPHA, "--debug")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        capsys, "extract", tmp_path / "empty", "-o", tmp_path / "out", "--lora-alpha", ALPHA, "--debug"
+    )
     assert code == 1
     assert "Traceback" in err and "is not a checkpoint" in err.strip().splitlines()[-1]
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from higgs_trainer import HiggsLoraTrainer, merging
+from higgs_trainer import HiggsLoraTrainer, support_files
 from tests.cli import assert_one_line_error, rename_lora_modules, run_cli
 from tests.models import (
     HIGGS_STACK,
@@ -241,7 +241,7 @@ def test_disk_full_leaves_nothing_half_written(bases, adapter_dir, tmp_path, cap
         pathlib.Path(target).write_bytes(b"\0" * 10)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
-    monkeypatch.setattr(merging.shutil, "copy2", copy_on_a_full_disk)
+    monkeypatch.setattr(support_files.shutil, "copy2", copy_on_a_full_disk)
     (tmp_path / "out").mkdir()
     code, _, err = run_cli(
         capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "out" / "m"

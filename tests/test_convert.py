@@ -295,3 +295,13 @@ def test_output_inside_or_equal_to_the_source_is_refused(tmp_path, capsys, outpu
     assert code == 2
     assert_one_line_error(err, "lies inside the input" if output != "." else "would replace the input")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_support_files_are_copied_like_merge_copies_them(tmp_path):
+    # convert once dropped generation_config.json (merge copied it): one list of support files now serves both.
+    write_model(tmp_path / "boson", TINY_BOSON_CONFIG, "boson")
+    for name in ("generation_config.json", "special_tokens_map.json", "README.md"):
+        (tmp_path / "boson" / name).write_text("{}")
+    result = convert_layout(tmp_path / "boson", "transformers", tmp_path / "hf")
+    assert result.copied == ["README.md", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"]
+    assert (tmp_path / "hf" / "generation_config.json").read_text() == "{}"

@@ -19,7 +19,7 @@ from higgs_trainer import merging
 from higgs_trainer.merge_arithmetic import Scratch, merge_linear, row_blocks
 from higgs_trainer.merge_plan import LoraDelta
 from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.safetensors_files import read_base_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.safetensors_files import read_stored_tensors, safetensors_weight_files, shard_plan
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 
@@ -81,7 +81,7 @@ def output_tensors(directory):
 
 
 def base_keys(directory):
-    return set(read_base_tensors(pathlib.Path(directory), safetensors_weight_files(pathlib.Path(directory))))
+    return set(read_stored_tensors(pathlib.Path(directory), safetensors_weight_files(pathlib.Path(directory))))
 
 
 def assert_bit_equal_to_peft(cls, base, adapter, out, dtype, changed_at_least=1):
