@@ -48,6 +48,7 @@ from .extraction import extract_adapter
 from .layouts import LAYOUTS
 from .merging import DTYPES, empty_base_model, merge_adapter
 from .paths import existing_directory
+from .safetensors_files import parse_size
 from .verification import AdapterSummary, human_size, inspect_path
 
 PROG = "higgs-trainer"
@@ -60,6 +61,14 @@ class _ArgumentError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints the whole usage and exits; one line is enough
         raise _ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _shard_size(text: str) -> int:
+    """``--max-shard-size``'s value in bytes; argparse turns the error into exit status 2."""
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-memory", action="store_true", help="load the base model and merge with peft (default: stream the tensors)"
     )
     merge.add_argument(
-        "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="largest weight file of the output: bytes, or 500MB, 5GB, 1.5GB, 2GiB (default: transformers')",
     )
     merge.set_defaults(handler=_merge)
 
@@ -215,9 +227,6 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     echo = args.echo
-    max_shard_size = args.max_shard_size
-    if max_shard_size is not None:
-        max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
     result = merge_adapter(
         args.base,
         args.adapter,
@@ -227,7 +236,7 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_untrained=args.allow_untrained,
         streaming=False if args.in_memory else None,
-        max_shard_size=max_shard_size,
+        max_shard_size=args.max_shard_size,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:

@@ -53,7 +53,7 @@ from .paths import (
     read_json_object,
     resolve_adapter_dir,
 )
-from .safetensors_files import StoredTensor, read_stored_tensors, safetensors_weight_files
+from .safetensors_files import StoredTensor, parse_size, read_stored_tensors, safetensors_weight_files
 from .streaming_merge import stream_merge
 from .support_files import copy_support_files
 from .untrained import untrained_problem
@@ -427,13 +427,14 @@ def merge_adapter(
     at peft's zero init, `untrained.untrained_problem`) is refused unless ``allow_untrained``.
 
     A safetensors base is merged tensor by tensor without building the model
-    (`streaming_merge.stream_merge`, sharded at ``max_shard_size``) unless ``streaming=False``;
-    a ``pytorch_model.bin`` base, or ``streaming=False``, loads the model and merges with peft's
-    ``merge_and_unload`` in memory.
+    (`streaming_merge.stream_merge`) unless ``streaming=False``; a ``pytorch_model.bin`` base, or
+    ``streaming=False``, loads the model and merges with peft's ``merge_and_unload`` in memory.
+    Either way the output's weight files hold at most ``max_shard_size`` bytes each (a byte count or
+    a size such as ``"5GB"``, `safetensors_files.parse_size`; default: transformers' ``save_pretrained``'s).
 
     Raises:
-        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
-            is not one of ``bf16``, ``fp16``, ``fp32``.
+        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), ``dtype``
+            is not one of ``bf16``, ``fp16``, ``fp32``, or ``max_shard_size`` is not a size.
         HiggsTrainerError: the base is a ``higgs_audio`` model and ``boson_multimodal`` cannot be imported.
         AdapterVerificationError: the adapter is broken or does not fit the base model.
         CheckpointError: the base model cannot be read or loaded.
@@ -456,6 +457,7 @@ def merge_adapter(
     base_dir = existing_directory(base, "base model")
     adapter_dir = resolve_adapter_dir(adapter)
     output = output_directory(output, overwrite, inputs=[base_dir, adapter_dir])
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -485,7 +487,7 @@ def merge_adapter(
             stored=stored,
             dtype=dtype,
             compare=compare,
-            max_shard_size=max_shard_size,
+            max_shard_size=shard_bytes,
             check=functools.partial(check_base_complete, base_dir, list(stored)),
         )
     if streaming:
@@ -542,7 +544,7 @@ def merge_adapter(
     logger.info("Writing the merged model (%s, %s) to %s", model_class, dtype_name, output)
     try:
         with staged_directory(output) as staging:
-            save_pretrained_safetensors(merged, staging)
+            save_pretrained_safetensors(merged, staging, shard_bytes)
             copied = copy_support_files(base_dir, staging)
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
             num_bytes = sum(f.stat().st_size for f in staging.iterdir() if f.suffix == ".safetensors")

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .errors import CheckpointError, first_line, listed
+from .errors import CheckpointError, UsageError, first_line, listed
 from .names import SAFE_INDEX, SAFE_WEIGHTS
 
 # safetensors' dtype names and the torch dtypes they stand for: the one table (names written, names read).
@@ -282,6 +283,39 @@ def read_tensor(tensor: StoredTensor, into: torch.Tensor | None = None) -> torch
 def default_max_shard_size() -> str | int:
     """The ``max_shard_size`` default of the installed transformers' ``save_pretrained`` ("5GB" in 4.46, "50GB" in 5.x)."""
     return inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+SIZE_FORMS = (
+    "a byte count (e.g. 1000000) or a number with a unit: 500MB, 5GB, 1.5GB, 2GiB (KB/MB/GB/TB, KiB/MiB/GiB/TiB)"
+)
+
+
+def parse_size(text: str | int) -> int:
+    """A shard size in bytes from ``text`` (`SIZE_FORMS`); `UsageError` for anything else, or a size under 1 byte.
+
+    Units are bytes in any case (``5gb`` is 5 GB, not transformers' 5 gigabits); a decimal needs a
+    unit and is rounded down to whole bytes. Refused: ``0`` and negative sizes (no shard holds a
+    tensor), ``1e3`` and other forms that are not a number followed by a unit.
+
+    Examples:
+        >>> parse_size("5GB"), parse_size("2GiB"), parse_size("0.5GB"), parse_size("1000"), parse_size(64)
+        (5000000000, 2147483648, 500000000, 1000, 64)
+        >>> parse_size("0")
+        Traceback (most recent call last):
+        ...
+        higgs_trainer.errors.UsageError: max shard size '0' is not a size of at least 1 byte; give a byte count (e.g. 1000000) or a number with a unit: 500MB, 5GB, 1.5GB, 2GiB (KB/MB/GB/TB, KiB/MiB/GiB/TiB)
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text)) if not isinstance(text, bool) else None
+    unit = found.group(2).upper() if found else ""
+    if found and unit in _UNITS and ("." not in found.group(1) or unit not in ("", "B")):
+        size = (
+            int(float(found.group(1)) * _UNITS[unit]) if "." in found.group(1) else int(found.group(1)) * _UNITS[unit]
+        )
+        if size >= 1:
+            return size
+    raise UsageError(f"max shard size {text!r} is not a size of at least 1 byte; give {SIZE_FORMS}")
 
 
 def shard_plan(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:

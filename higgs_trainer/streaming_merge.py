@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers.utils.hub import convert_file_size_to_int
 
 from .atomic import staged_directory
 from .checkpoint import progress_bar
@@ -37,6 +36,7 @@ from .safetensors_files import (
     copy_bytes,
     default_max_shard_size,
     header_bytes,
+    parse_size,
     read_tensor,
     shard_plan,
     write_all,
@@ -294,7 +294,7 @@ def stream_merge(
     from .verification import human_size, saved_modules
 
     start = time.perf_counter()
-    limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)
+    limit = parse_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
     plan = plan_merge(config, tensors, stored, adapter_dir)
     saved, _ = saved_modules(config, tensors)  # modules_to_save: their weights are among plan.replace
     out_dtype = _dtype_of(stored, dtype)

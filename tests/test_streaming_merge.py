@@ -375,3 +375,47 @@ def test_layers_whose_rows_are_not_a_multiple_of_the_block_merge_bit_for_bit(tmp
     code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
     assert code == 0, err
     assert_bit_equal_to_peft(type(model), base, adapter, tmp_path / "m", torch.float16, 7)
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "abc", "1e3", "5 parsecs", "0.5"])
+def test_a_max_shard_size_that_is_not_a_size_is_a_usage_error(tmp_path, capsys, size):
+    # These once gave "unexpected ValueError" after the adapter was verified, and 0 one file per tensor.
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--max-shard-size", size
+    )
+    assert code == 2
+    assert_one_line_error(err, "argument --max-shard-size: max shard size")
+    assert "500MB, 5GB, 1.5GB, 2GiB" in err and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streaming", "in-memory (pytorch_model.bin base)"])
+def test_max_shard_size_is_honoured_on_both_paths(tmp_path, capsys, in_memory):
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    if in_memory:  # a pickled base has no streaming path: the in-memory one once ignored --max-shard-size
+        torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
+        (base / "model.safetensors").unlink()
+    total = sum(t.numel() * t.element_size() for t in llama().state_dict().values())
+    for size, out in (("0.02MB", "small"), (str(10 * total), "one")):
+        code, stdout, err = run_cli(
+            capsys,
+            "merge",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "-o",
+            tmp_path / out,
+            "--max-shard-size",
+            size,
+            "--json",
+        )
+        assert code == 0, err
+        assert json.loads(stdout)["method"] == ("in-memory" if in_memory else "streaming")
+    shards = sorted((tmp_path / "small").glob("model-*.safetensors"))
+    assert len(shards) > 3
+    for shard in shards:  # at most 20 kB of tensors, or one larger tensor alone
+        tensors = load_file(str(shard))
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+    assert json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [f.name for f in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
