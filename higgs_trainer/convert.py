@@ -119,18 +119,21 @@ def convert_layout(
         raise UsageError("--base checks converted adapters; converting a model needs none (leave it out)")
     base_model = _empty_model(base, to) if base is not None else None
     result = ConvertResult(source=str(source), path=str(output), to=to, kind="", outputs=[], num_tensors=0, renamed=0)
-    with staged_directory(output) as staging:
-        if is_model:
-            result.kind = "model"
-            _convert_model(source, staging, to, result)
-            result.outputs = [str(output)]
-        else:
-            adapters = _adapter_dirs(source)
-            result.kind = "adapter" if adapters == [source] else "adapters"
-            for directory in adapters:
-                relative = directory.relative_to(source)
-                _convert_adapter(directory, staging / relative, to, result, base_model)
-                result.outputs.append(str(output / relative))
+    try:
+        with staged_directory(output) as staging:
+            if is_model:
+                result.kind = "model"
+                _convert_model(source, staging, to, result)
+                result.outputs = [str(output)]
+            else:
+                adapters = _adapter_dirs(source)
+                result.kind = "adapter" if adapters == [source] else "adapters"
+                for directory in adapters:
+                    relative = directory.relative_to(source)
+                    _convert_adapter(directory, staging / relative, to, result, base_model)
+                    result.outputs.append(str(output / relative))
+    except OSError as exc:  # a full disk: say where (the OSError of a write names no file)
+        raise HiggsTrainerError(f"writing {output} failed: {first_line(exc)} (nothing written)") from exc
     result.verified_on_base = base_model is not None
     result.seconds = time.perf_counter() - started
     logger.info("Converted %s to the %s layout in %s", source, to, output)

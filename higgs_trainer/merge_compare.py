@@ -6,6 +6,7 @@ memory one after another; only ``--compare`` does this.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,7 +14,10 @@ from peft import PeftModel
 
 from .errors import AdapterVerificationError, first_line
 
+logger = logging.getLogger(__name__)
+
 AUDIO_PROBE_FRAMES = 6
+COMPARE_EXTRA = "compare"  # setup.cfg's extra with what --compare needs beyond the merge (librosa)
 
 
 def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict:
@@ -32,7 +36,12 @@ def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict
 
     model = load_base_model(base_dir)
     probe = probe_inputs(model.config)
-    audio_probe = audio_probe_inputs(model)
+    try:
+        audio_probe = audio_probe_inputs(model)
+    except ImportError as exc:  # an optional part (librosa, for boson_multimodal's collator): run what can run
+        audio_probe, skipped = None, optional_part_missing(exc, "the audio probe")
+    else:
+        skipped = None
     logits, audio = {"base": _logits(model, probe)}, {}
     if audio_probe is not None:
         audio["base"] = _audio_logits(model, audio_probe)
@@ -51,12 +60,30 @@ def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict
         "base_vs_merged": _difference(logits["base"], logits["merged"]),
         "adapter_vs_merged": _difference(logits["adapter"], logits["merged"]),
     }
+    if skipped is not None:
+        comparison["audio_probe_skipped"] = skipped
     if audio_probe is not None:
         audio["merged"] = _audio_logits(merged, audio_probe)
         comparison["audio_probe_frames"] = AUDIO_PROBE_FRAMES
         comparison["audio_base_vs_merged"] = _difference(audio["base"], audio["merged"])
         comparison["audio_adapter_vs_merged"] = _difference(audio["adapter"], audio["merged"])
     return comparison
+
+
+def optional_part_missing(exc: ImportError, part: str) -> str:
+    """Log (one warning line) and return why ``part`` of ``--compare`` is skipped: the package it needs, and how to get it.
+
+    Examples:
+        >>> print(optional_part_missing(ModuleNotFoundError("no librosa here", name="librosa"), "the audio probe"))
+        the audio probe skipped: it needs librosa, which cannot be imported (no librosa here); install it with: pip install "higgs-trainer[compare]"
+    """
+    package = (exc.name or "").split(".")[0] or "a package"
+    reason = (
+        f"{part} skipped: it needs {package}, which cannot be imported ({first_line(exc)}); install it with: "
+        f'pip install "higgs-trainer[{COMPARE_EXTRA}]"'
+    )
+    logger.warning("merge --compare: %s", reason)
+    return reason
 
 
 def audio_probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

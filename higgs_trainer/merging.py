@@ -34,6 +34,7 @@ from ._compat import from_pretrained_kwargs, save_pretrained_safetensors
 from .atomic import staged_directory
 from .checkpoint import CheckpointWeights
 from .errors import (
+    PROGRAMMING_ERRORS,
     AdapterVerificationError,
     CheckpointError,
     HiggsTrainerError,
@@ -548,7 +549,9 @@ def merge_adapter(
             copied = copy_support_files(base_dir, staging)
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
             num_bytes = sum(f.stat().st_size for f in staging.iterdir() if f.suffix == ".safetensors")
-    except OSError as exc:
+    except (HiggsTrainerError, *PROGRAMMING_ERRORS):
+        raise
+    except Exception as exc:  # OSError (a full disk), safetensors' and torch's errors
         raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
     result = MergeResult(
         path=str(output),

@@ -25,7 +25,7 @@ import torch
 
 from .atomic import staged_directory
 from .checkpoint import progress_bar
-from .errors import CheckpointError, HiggsTrainerError, MergeError, first_line
+from .errors import PROGRAMMING_ERRORS, CheckpointError, HiggsTrainerError, MergeError, first_line
 from .merge_arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
 from .merge_compare import compare_outputs
 from .merge_plan import MergePlan, plan_merge
@@ -321,13 +321,24 @@ def stream_merge(
             base_config = write_config(base_dir, staging, dtype_name)
             info["model_class"] = model_class_name(base_config)
             copied = copy_support_files(base_dir, staging)
-            if compare:
-                info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
+            compare_failed = None
+            if compare:  # a failed check never throws the finished merge away: it is reported after the commit
+                try:
+                    info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
+                except Exception as exc:
+                    compare_failed = exc
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    except HiggsTrainerError:
+    except (HiggsTrainerError, *PROGRAMMING_ERRORS):
         raise
     except OSError as exc:
         raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
+    except Exception as exc:  # torch's RuntimeError, MemoryError, ...: one line, nothing written
+        raise MergeError(f"merging {adapter_dir} into {base_dir} failed: {first_line(exc)} (nothing written)") from exc
+    if compare_failed is not None:
+        raise MergeError(
+            f"the merged model in {output} is complete (kept), but --compare failed: {type(compare_failed).__name__}: "
+            f"{first_line(compare_failed)}"
+        ) from compare_failed
     result = MergeResult(
         path=str(output),
         base=str(base_dir),

@@ -8,6 +8,7 @@ LoRA weights, streams the merge, and compares every merged tensor with torch.equ
 import json
 import pathlib
 import shutil
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from higgs_trainer import merging
+from higgs_trainer import merge_compare, merging, streaming_merge
 from higgs_trainer.merge_arithmetic import Scratch, merge_linear, row_blocks
 from higgs_trainer.merge_plan import LoraDelta
 from higgs_trainer.merging import model_init_kwargs
@@ -419,3 +420,56 @@ def test_max_shard_size_is_honoured_on_both_paths(tmp_path, capsys, in_memory):
         assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
     assert json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())["weight_map"]
     assert [f.name for f in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+
+
+@pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal's collator, which imports librosa, is on the Higgs stack")
+def test_compare_without_librosa_keeps_the_merge_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    # Without librosa, `merge --compare` once threw the finished merge away ("unexpected ModuleNotFoundError").
+    base, adapter = save_pair(tmp_path, tiny_base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    monkeypatch.setitem(sys.modules, "librosa", None)  # `import librosa` raises ImportError, as when not installed
+    for name in [n for n in sys.modules if n.startswith("boson_multimodal.data_collator")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, so the collator's `import librosa` runs
+    code, stdout, err = run_cli(
+        capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--compare", "--json"
+    )
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and "librosa" in err, err
+    assert 'pip install "higgs-trainer[compare]"' in err
+    compare = json.loads(stdout)["compare"]
+    assert compare["base_vs_merged"]["max_abs"] > 1e-3 and compare["adapter_vs_merged"]["max_abs"] < 1e-3
+    assert "librosa" in compare["audio_probe_skipped"] and "audio_base_vs_merged" not in compare
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "m" / "merge_info.json").read_text())["compare"] == compare
+
+
+def test_a_failing_compare_keeps_the_merge_and_says_so(tmp_path, capsys, monkeypatch):
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    monkeypatch.setattr(merge_compare, "PeftModel", None)  # an AttributeError inside the check, after the merge
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--compare")
+    assert code == 1
+    assert_one_line_error(err, f"the merged model in {tmp_path / 'm'} is complete (kept), but --compare failed")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "merge_info.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "failed: DefaultCPUAllocator"),
+        (MemoryError("out of memory"), "failed: out of memory"),
+        (TypeError("a bug"), "unexpected TypeError: a bug"),
+    ],
+)
+def test_every_failure_of_the_streaming_merge_is_one_line(tmp_path, capsys, monkeypatch, failure, message):
+    # Only OSError used to become a MergeError; a RuntimeError from torch was "unexpected".
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(streaming_merge, "merged_tensor", fails)
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "out" / "m")
+    assert code == 1
+    assert_one_line_error(err, message)
+    assert ("unexpected" in err) == isinstance(failure, TypeError)
+    assert list((tmp_path / "out").iterdir()) == []
