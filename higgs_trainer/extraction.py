@@ -83,6 +83,11 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapter config from {settings.source} is not a valid LoraConfig: {exc}") from exc
     config.inference_mode = True
+    # Not the old adapter's task_type: the tensors were found under the PEFT component's prefix, and the adapter loads
+    # onto that component (e.g. HiggsAudioModel), whose class the checkpoint does not record. A task type such as the
+    # community scripts' CAUSAL_LM makes PeftModel.from_pretrained build a PeftModelForCausalLM, which passes labels=
+    # the component does not take; None gives the plain PeftModel that fits any component.
+    config.task_type = None
     # What the config promises beyond lora_A/lora_B must be in the tensors extract copies, or the adapter loads wrong.
     unsupported = [
         name
