@@ -125,6 +125,11 @@ class MergeError(HiggsTrainerError, RuntimeError):
     """
 
 
+# Exceptions that mean a bug in higgs_trainer, never bad input: the CLI reports them as "unexpected" with a hint to
+# rerun with --debug, and no library function turns them into one of the errors above.
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (AssertionError, AttributeError, NameError, TypeError)
+
+
 def listed(items: Iterable[str], limit: int = _MAX_LISTED) -> str:
     """The first ``limit`` items, quoted, and how many more: for one-line error messages.
 

@@ -174,3 +174,14 @@ def test_a_link_or_file_where_the_adapter_goes_is_refused_before_writing(compone
     assert "intact" in str(info.value)
     assert target.is_symlink() == (kind == "symlink") and (elsewhere / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["lora_adapters"]  # no residue, nothing installed
+
+
+def test_convert_on_a_full_disk_names_the_output(tmp_path, capsys):
+    from tests.test_convert import TINY_BOSON_CONFIG, write_model
+
+    write_model(tmp_path / "boson", TINY_BOSON_CONFIG, "boson")
+    with small_tmpfs(tmp_path / "full", "16k") as full:
+        code, _, err = run_cli(capsys, "convert", tmp_path / "boson", "--to", "transformers", "-o", full / "hf")
+        assert code == 1
+        assert_one_line_error(err, f"writing {full / 'hf'} failed: [Errno 28] No space left on device")
+        assert list(full.iterdir()) == []

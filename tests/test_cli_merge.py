@@ -327,3 +327,12 @@ def test_json_output_is_one_document_when_libraries_print_on_import(bases, adapt
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["compare"]["adapter_vs_merged"]["max_abs"] < 1e-3
+
+
+def test_output_inside_an_input_is_refused(bases, adapter, capsys):
+    base = bases[torch.float32]
+    before = sorted(p.name for p in base.iterdir())
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", base / "merged")
+    assert code == 2
+    assert_one_line_error(err, "lies inside the input")
+    assert sorted(p.name for p in base.iterdir()) == before

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from .._version import __version__
 from ..convert.layouts import LAYOUTS
 from ..errors import HiggsTrainerError, UsageError, first_line
+from ..files.sizes import parse_size
 from ..names import DTYPE_NAMES
 
 PROG = "higgs-trainer"
@@ -54,6 +55,14 @@ class _ArgumentError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints the whole usage and exits; one line is enough
         raise _ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _shard_size(text: str) -> int:
+    """``--max-shard-size``'s value in bytes; argparse turns the error into exit status 2."""
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-memory", action="store_true", help="load the base model and merge with peft (default: stream the tensors)"
     )
     merge.add_argument(
-        "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="largest weight file of the output: bytes, or 500MB, 5GB, 1.5GB, 2GiB (default: transformers')",
     )
 
     convert = commands.add_parser(

@@ -16,9 +16,6 @@ logger = logging.getLogger(__name__)
 def run(args: argparse.Namespace) -> int:
     """Merge ``args.adapter`` into ``args.base``, write ``args.output`` and say what was written."""
     echo = args.echo
-    max_shard_size = args.max_shard_size
-    if max_shard_size is not None:
-        max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
     result = merge_adapter(
         args.base,
         args.adapter,
@@ -28,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_untrained=args.allow_untrained,
         streaming=False if args.in_memory else None,
-        max_shard_size=max_shard_size,
+        max_shard_size=args.max_shard_size,
     )
     comparison = result.compare
     if comparison and comparison["base_vs_merged"]["max_abs"] == 0:

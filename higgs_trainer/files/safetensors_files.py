@@ -25,22 +25,31 @@ import transformers
 from ..errors import CheckpointError, first_line, listed
 from ..names import SAFE_INDEX, SAFE_WEIGHTS
 
-# safetensors' dtype names and the torch dtypes they stand for.
+# safetensors' dtype names and the torch dtypes they stand for: the one table (names written, names read).
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on a header's size
 _COPY_CHUNK = 64 * 2**20
+
+
+class _Invalid(ValueError):
+    """A header safetensors' own loader refuses too."""
 
 
 @dataclass(frozen=True)
@@ -73,73 +82,177 @@ class StoredTensor:
         return math.prod(self.shape)
 
 
+# which files hold a model's weights
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``).
+
+    `CheckpointError` unless it maps tensor names to file names in the index's own directory.
+
+    Examples:
+        >>> _ = Path("model.safetensors.index.json").write_text('{"weight_map": {"a": "model-1.safetensors"}}')
+        >>> read_weight_map(Path("model.safetensors.index.json"))
+        {'a': 'model-1.safetensors'}
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("weight_map must map tensor names to shard files")
+        if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in weight_map.values()):
+            raise ValueError("weight_map values must be file names in the model directory")
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
+    return weight_map
+
+
+def weight_files(directory: Path, index_name: str = SAFE_INDEX, single_name: str = SAFE_WEIGHTS) -> list[Path] | None:
+    """The weight files of a model directory: the shards its index names, else its single file; None without either.
+
+    Examples:
+        >>> weight_files(Path("/"))  # no model here
+    """
+    index = directory / index_name
+    if index.is_file():
+        names = sorted(set(read_weight_map(index).values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are missing: {listed(missing)}")
+        return [directory / n for n in names]
+    if (directory / single_name).is_file():
+        return [directory / single_name]
+    return None
+
+
 def safetensors_weight_files(base_dir: Path) -> list[Path] | None:
     """The safetensors files of a model directory (``model.safetensors`` or an index's shards); None when it has none.
 
     Examples:
         >>> safetensors_weight_files(Path("/"))  # no model here
     """
-    index = base_dir / SAFE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = list(dict.fromkeys(weight_map[key] for key in weight_map))  # first-seen order
-            if not all(isinstance(n, str) and n and "/" not in n for n in names):
-                raise ValueError("weight_map values must be file names in the model directory")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
-        missing = [n for n in names if not (base_dir / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names {len(missing)} shard(s) that are missing: {listed(missing)}")
-        return [base_dir / n for n in sorted(names)]
-    if (base_dir / SAFE_WEIGHTS).is_file():
-        return [base_dir / SAFE_WEIGHTS]
-    return None
+    return weight_files(base_dir, SAFE_INDEX, SAFE_WEIGHTS)
 
 
-def read_safetensors_header(file: Path) -> list[StoredTensor]:
-    """The tensors of one safetensors file in the order of their bytes, checked against the file's size.
+# reading headers, as strictly as safetensors' own loader
 
-    Read by hand (8-byte length, JSON header): ``safe_open`` does not tell where a tensor's bytes
-    are, and the merge copies unchanged tensors byte for byte without loading them.
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _Invalid(f"the header names tensor {next(k for k in keys if keys.count(k) > 1)!r} twice")
+    return dict(pairs)
+
+
+def _tensor_entries(header: object, start: int, file: Path) -> list[StoredTensor]:
+    if not isinstance(header, dict):
+        raise _Invalid("the header is not a JSON object")
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise _Invalid("__metadata__ is not a map of strings")
+            continue
+        if not isinstance(entry, dict):
+            raise _Invalid(f"the entry of tensor {name!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _Invalid(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        ):
+            raise _Invalid(f"tensor {name!r} has data_offsets {offsets!r}, not two byte offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {dtype!r}, which higgs-trainer does not read "
+                f"(it reads {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        tensors.append(StoredTensor(name, file, dtype, tuple(shape), start + offsets[0], start + offsets[1]))
+    return tensors
+
+
+def _check_layout(tensors: list[StoredTensor], start: int, size: int) -> None:
+    """safetensors' rules: the tensors' bytes follow each other from the header on, without gap or overlap, each
+    exactly shape x dtype long, and the last one ends where the file does."""
+    position = start
+    for tensor in tensors:
+        if tensor.begin != position or tensor.end < tensor.begin:
+            where = "overlap another tensor's" if tensor.begin < position else "leave a gap after the previous"
+            raise _Invalid(f"the bytes of tensor {tensor.name!r} (offsets {tensor.begin - start}, "
+                           f"{tensor.end - start}) {where}")  # fmt: skip
+        if tensor.num_bytes != tensor.numel * tensor.torch_dtype.itemsize:
+            raise _Invalid(
+                f"tensor {tensor.name!r} of shape {tensor.shape} and dtype {tensor.dtype} needs "
+                f"{tensor.numel * tensor.torch_dtype.itemsize} bytes, its offsets give it {tensor.num_bytes}"
+            )
+        position = tensor.end
+    if position != size:
+        raise _Invalid(f"the tensors end at byte {position} of a file of {size} bytes")
+
+
+def read_safetensors_header(file: Path, what: str = "the model") -> list[StoredTensor]:
+    """The tensors of one safetensors file in the order of their bytes, checked as safetensors' own loader does.
+
+    Read by hand (8-byte length, JSON header) because ``safe_open`` does not tell where a tensor's
+    bytes are, and the merge copies unchanged tensors byte for byte without loading them. What
+    safetensors refuses is refused here (`CheckpointError` naming ``what``, the file and the
+    reason): a header that is not a JSON object or names a tensor twice, offsets out of order,
+    overlapping or leaving gaps, a size other than shape x dtype, bytes beyond the end of the file.
+
+    Examples:
+        >>> from safetensors.torch import save_file
+        >>> save_file({"b": torch.zeros(2), "a": torch.ones(3, dtype=torch.int8)}, "t.safetensors")
+        >>> [(t.name, t.dtype, t.shape, t.num_bytes) for t in read_safetensors_header(Path("t.safetensors"))]
+        [('b', 'F32', (2,), 8), ('a', 'I8', (3,), 3)]
     """
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > min(_HEADER_LIMIT, size - 8):
-                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            header = json.loads(handle.read(length))
-        start = 8 + length
-        tensors = []
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = (start + int(offset) for offset in entry["data_offsets"])
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which this merge does not handle")
-            shape = tuple(int(d) for d in entry["shape"])
-            if end > size or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
-                raise ValueError(f"tensor {name!r} lies beyond the end of the file")
-            tensors.append(StoredTensor(name, file, entry["dtype"], shape, begin, end))
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:  # json.JSONDecodeError is a ValueError
+                raise _Invalid(f"header length {length} does not fit a file of {size} bytes")
+            text = handle.read(length)
+        if not text.startswith(b"{"):
+            raise _Invalid("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        tensors = sorted(_tensor_entries(header, 8 + length, file), key=lambda t: (t.begin, t.end))
+        _check_layout(tensors, 8 + length, size)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(
-            f"cannot load the base model from {file.parent}: {file.name} is truncated or corrupt ({first_line(exc)})"
+            f"cannot load {what} from {file.parent}: {file.name} is truncated or corrupt ({first_line(exc)})"
         ) from exc
-    return sorted(tensors, key=lambda t: t.begin)
+    return tensors
 
 
-def read_base_tensors(base_dir: Path, files: Iterable[Path]) -> dict[str, StoredTensor]:
-    """Every tensor of the base's safetensors files, by name, in file and byte order."""
+def read_stored_tensors(directory: Path, files: Iterable[Path], what: str = "the model") -> dict[str, StoredTensor]:
+    """Every tensor of a model's safetensors ``files``, by name, in file and byte order; each name stored once.
+
+    `CheckpointError` for a header `read_safetensors_header` refuses, a tensor stored in two
+    files (which copy is the model's?), or an index that maps a tensor to a file that lacks it.
+
+    Examples:
+        >>> from safetensors.torch import save_file
+        >>> _ = Path("model").mkdir(), save_file({"w": torch.zeros(2)}, "model/model.safetensors")
+        >>> list(read_stored_tensors(Path("model"), safetensors_weight_files(Path("model"))))
+        ['w']
+    """
     tensors: dict[str, StoredTensor] = {}
     for file in files:
-        for tensor in read_safetensors_header(file):
+        for tensor in read_safetensors_header(file, what):
             if tensor.name in tensors:
-                raise CheckpointError(f"tensor {tensor.name!r} is stored twice in {base_dir}")
+                raise CheckpointError(
+                    f"cannot load {what} from {directory}: tensor {tensor.name!r} is stored twice "
+                    f"({tensors[tensor.name].file.name} and {file.name}); keep one copy"
+                )
             tensors[tensor.name] = tensor
-    index = base_dir / SAFE_INDEX
+    index = directory / SAFE_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_weight_map(index)
         wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file.name != f]
         if wrong:
             raise CheckpointError(f"{index} maps {len(wrong)} tensor(s) to shards that lack them: {listed(wrong)}")
@@ -148,6 +261,8 @@ def read_base_tensors(base_dir: Path, files: Iterable[Path]) -> dict[str, Stored
 
 def read_tensor(tensor: StoredTensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor's values, read with ``pread`` into memory of its own (or the uint8 buffer ``into``, of its size).
+
+    The one way a tensor is read from a safetensors file here (merge, convert, extract), one at a time.
 
     Not ``safe_open(...).get_tensor``: that maps the file, and the pages of every tensor read stay
     in the process's resident memory while the file is open, so memory would grow with the model.

@@ -6,6 +6,7 @@ memory one after another; only ``--compare`` does this.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from .base_model import load_base_model
 
 PROBE_TOKENS = 16
 
+logger = logging.getLogger(__name__)
+
 AUDIO_PROBE_FRAMES = 6
+COMPARE_EXTRA = "compare"  # setup.cfg's extra with what --compare needs beyond the merge (librosa)
 
 
 def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict:
@@ -35,7 +39,12 @@ def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict
 
     model = load_base_model(base_dir)
     probe = probe_inputs(model.config)
-    audio_probe = audio_probe_inputs(model)
+    try:
+        audio_probe = audio_probe_inputs(model)
+    except ImportError as exc:  # an optional part (librosa, for boson_multimodal's collator): run what can run
+        audio_probe, skipped = None, optional_part_missing(exc, "the audio probe")
+    else:
+        skipped = None
     logits, audio = {"base": probe_logits(model, probe)}, {}
     if audio_probe is not None:
         audio["base"] = _audio_logits(model, audio_probe)
@@ -54,6 +63,8 @@ def compare_outputs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> dict
         "base_vs_merged": logit_difference(logits["base"], logits["merged"]),
         "adapter_vs_merged": logit_difference(logits["adapter"], logits["merged"]),
     }
+    if skipped is not None:
+        comparison["audio_probe_skipped"] = skipped
     if audio_probe is not None:
         audio["merged"] = _audio_logits(merged, audio_probe)
         comparison["audio_probe_frames"] = AUDIO_PROBE_FRAMES
@@ -93,6 +104,22 @@ def probe_logits(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> torc
 def logit_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     delta = (a - b).abs()
     return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean())}
+
+
+def optional_part_missing(exc: ImportError, part: str) -> str:
+    """Log (one warning line) and return why ``part`` of ``--compare`` is skipped: the package it needs, and how to get it.
+
+    Examples:
+        >>> print(optional_part_missing(ModuleNotFoundError("no librosa here", name="librosa"), "the audio probe"))
+        the audio probe skipped: it needs librosa, which cannot be imported (no librosa here); install it with: pip install "higgs-trainer[compare]"
+    """
+    package = (exc.name or "").split(".")[0] or "a package"
+    reason = (
+        f"{part} skipped: it needs {package}, which cannot be imported ({first_line(exc)}); install it with: "
+        f'pip install "higgs-trainer[{COMPARE_EXTRA}]"'
+    )
+    logger.warning("merge --compare: %s", reason)
+    return reason
 
 
 def audio_probe_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,13 +26,16 @@ from peft.utils import get_peft_model_state_dict
 
 from .._compat import save_pretrained_safetensors
 from ..errors import (
+    PROGRAMMING_ERRORS,
     AdapterVerificationError,
+    CheckpointError,
     HiggsTrainerError,
     MergeError,
     UsageError,
     first_line,
 )
 from ..files.atomic import staged_directory
+from ..files.checkpoint import CheckpointWeights
 from ..files.paths import (
     existing_directory,
     output_directory,
@@ -39,7 +43,8 @@ from ..files.paths import (
     read_adapter_tensors,
     resolve_adapter_dir,
 )
-from ..files.safetensors_files import read_base_tensors, safetensors_weight_files
+from ..files.safetensors_files import StoredTensor, read_stored_tensors, safetensors_weight_files
+from ..files.sizes import parse_size
 from ..files.support_files import copy_support_files
 from ..lora_keys import split_lora_key
 from ..names import DTYPE_NAMES, PEFT_KEY_PREFIX
@@ -52,7 +57,7 @@ from ..verification.checks import (
 from ..verification.untrained import untrained_problem
 from .base_model import check_base_complete, empty_base_model, load_base_model, model_class_for
 from .compare import logit_difference, probe_inputs, probe_logits
-from .plan import IN_MEMORY
+from .plan import IN_MEMORY, check_floating_targets, lora_target_weights
 from .result import MergeResult, merge_info
 from .streaming import stream_merge
 
@@ -62,6 +67,17 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), s
 
 
 # checks
+
+
+def _stored_dtypes(base_dir: Path, stored: Mapping[str, StoredTensor] | None) -> dict[str, torch.dtype]:
+    """The dtype of each tensor in the base's weight files, as saved (before any loader casts it); {} without weights."""
+    if stored is not None:
+        return {name: tensor.torch_dtype for name, tensor in stored.items()}
+    try:
+        with CheckpointWeights(base_dir) as weights:  # a pickle is memory-mapped: nothing is copied
+            return weights.dtypes
+    except CheckpointError:  # no weights: loading the base says so
+        return {}
 
 
 def _check_applied(peft_model: PeftModel, tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
@@ -130,8 +146,8 @@ def merge_adapter(
     ``merge_and_unload`` in memory.
 
     Raises:
-        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), or ``dtype``
-            is not one of ``bf16``, ``fp16``, ``fp32``.
+        UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``), ``dtype``
+            is not one of ``bf16``, ``fp16``, ``fp32``, or ``max_shard_size`` is not a size.
         HiggsTrainerError: the base is a ``higgs_audio`` model and ``boson_multimodal`` cannot be imported.
         AdapterVerificationError: the adapter is broken or does not fit the base model.
         CheckpointError: the base model cannot be read or loaded.
@@ -154,6 +170,7 @@ def merge_adapter(
     base_dir = existing_directory(base, "base model")
     adapter_dir = resolve_adapter_dir(adapter)
     output = output_directory(output, overwrite, inputs=[base_dir, adapter_dir])
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -169,9 +186,10 @@ def merge_adapter(
                 "(allow_untrained=True) to merge it anyway."
             )
         logger.warning("merging the adapter at %s anyway (allow_untrained): %s", adapter_dir, untrained)
-    files = safetensors_weight_files(base_dir) if streaming is not False else None
-    if files is not None:
-        stored = read_base_tensors(base_dir, files)
+    # A safetensors base's headers are checked on both paths (what safetensors' loader refuses, a tensor stored twice).
+    files = safetensors_weight_files(base_dir)
+    stored = read_stored_tensors(base_dir, files, "the base model") if files else None
+    if stored is not None and streaming is not False:
         return stream_merge(
             base_dir,
             adapter_dir,
@@ -182,7 +200,7 @@ def merge_adapter(
             stored=stored,
             dtype=dtype,
             compare=compare,
-            max_shard_size=max_shard_size,
+            max_shard_size=shard_bytes,
             check=functools.partial(check_base_complete, base_dir, list(stored)),
         )
     if streaming:
@@ -194,6 +212,7 @@ def merge_adapter(
             f"the adapter at {adapter_dir} does not fit the base model at {base_dir}: " + "; ".join(problems)
         )
 
+    check_floating_targets(_stored_dtypes(base_dir, stored), lora_target_weights(tensors), base_dir)
     logger.info("Loading the base model from %s", base_dir)
     model = load_base_model(base_dir, dtype)
     model_class = type(model).__name__
@@ -238,11 +257,13 @@ def merge_adapter(
     logger.info("Writing the merged model (%s, %s) to %s", model_class, dtype_name, output)
     try:
         with staged_directory(output) as staging:
-            save_pretrained_safetensors(merged, staging)
+            save_pretrained_safetensors(merged, staging, shard_bytes)
             copied = copy_support_files(base_dir, staging)
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
             num_bytes = sum(f.stat().st_size for f in staging.iterdir() if f.suffix == ".safetensors")
-    except OSError as exc:
+    except (HiggsTrainerError, *PROGRAMMING_ERRORS):
+        raise
+    except Exception as exc:  # OSError (a full disk), safetensors' and torch's errors
         raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
     result = MergeResult(
         path=str(output),
