@@ -110,6 +110,38 @@ def test_samples_are_written_into_every_checkpoint_and_the_final_save(trained_ru
     assert callback.failed == [] and callback.seconds_spent > 0
 
 
+def test_nothing_is_written_into_an_incomplete_checkpoint(trained_run, caplog):
+    out, callback = trained_run
+    torn = out / "checkpoint-7"
+    torn.mkdir()  # as if the save had died before Trainer wrote trainer_state.json
+    with caplog.at_level(logging.WARNING, logger="higgs_trainer"):
+        assert callback.sample_into(torn, global_step=7, require_checkpoint=True) is None
+    assert list(torn.iterdir()) == []
+    assert any(
+        "speech samples not written: " in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_samples_are_skipped_with_one_warning_under_zero3_and_fsdp(tmp_path, caplog):
+    from higgs_trainer.speech.callback import _sharded
+
+    zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}
+    sharded = {
+        "DeepSpeed ZeRO-3": transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, deepspeed=zero3),
+        "FSDP": transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fsdp=True),
+        None: transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+    }
+    for expected, args in sharded.items():
+        assert _sharded(args) == expected
+    callback = speech_callback()
+    callback._skipped_reason = "FSDP"
+    with caplog.at_level(logging.WARNING, logger="higgs_trainer"):
+        callback.on_train_begin(sharded["FSDP"], None, None)
+    (record,) = [r for r in caplog.records if r.name.startswith("higgs_trainer")]
+    assert "speech samples are skipped under FSDP" in record.getMessage()
+    assert callback.sample_into(tmp_path, global_step=1, require_checkpoint=False) is None
+
+
 def test_tensorboard_gets_the_audio_and_spectrogram_at_each_save(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
