@@ -115,6 +115,10 @@ def bench_generate(model_name: str, layers: int, steps: int) -> dict:
         sample = generate_sample(model, prompt, backend, max_new_tokens=steps, logits_processor=no_end)
     seconds = time.perf_counter() - start
     added = _status_kb("VmHWM") - before
+    start = time.perf_counter()
+    with torch.no_grad():
+        backend.decode(sample.speech.codes)  # again, alone: the codec's share of the time
+    decode_seconds = time.perf_counter() - start
     audio = sample.record.seconds
     return {
         "model": model_name if model_name == "tiny" else f"higgs-shaped, {layers} layers",
@@ -125,6 +129,7 @@ def bench_generate(model_name: str, layers: int, steps: int) -> dict:
         "audio_seconds": audio,
         "wall_seconds": round(seconds, 2),
         "seconds_per_audio_second": round(seconds / audio, 2) if audio else None,
+        "of_which_decode_seconds": round(decode_seconds, 2),
         "memory_added_MiB": round(added / 1024, 1),
     }
 

@@ -187,6 +187,18 @@ def test_speak_errors_are_one_line(trained_run, capsys, tmp_path):
     assert_one_line_error(err, "must name a .wav file")
 
 
+def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
+    from tests.launch import torchrun
+
+    torchrun("ddp_speech.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["sampled_until"]) == 2 and ranks[1]["sampled_until"] == []  # only rank 0 samples
+    for step in range(2):  # rank 1 leaves on_save only once rank 0 has finished sampling that checkpoint
+        assert ranks[1]["returned_at"][step] >= ranks[0]["sampled_until"][step]
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        assert (tmp_path / checkpoint / "speech" / "high.wav").is_file()
+
+
 def test_sampling_does_not_disturb_training(tmp_path):
     """Sampled (with do_sample=True, dropout on) or not, the trained adapter is the same: RNG and train modes restored."""
     from safetensors.torch import load_file

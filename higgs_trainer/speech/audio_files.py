@@ -97,25 +97,22 @@ def mel_spectrogram(waveform: np.ndarray, sample_rate: int, n_mels: int = N_MELS
 
 
 def spectrogram_figure(waveform: np.ndarray, sample_rate: int, title: str) -> Any:
-    """A matplotlib figure of the log-mel spectrogram (close it with ``pyplot.close(figure)``)."""
-    _, pyplot = require_speech_extra()
+    """A matplotlib ``Figure`` of the log-mel spectrogram (Agg canvas, no pyplot state: nothing to close)."""
+    require_speech_extra()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     mel = mel_spectrogram(waveform, sample_rate)
-    seconds = len(waveform) / sample_rate
-    figure, axes = pyplot.subplots(figsize=(6, 2.5), dpi=100)
-    image = axes.imshow(
-        mel, origin="lower", aspect="auto", cmap="magma", extent=(0.0, max(seconds, 1e-3), 0, mel.shape[0])
-    )
+    seconds = max(len(waveform) / sample_rate, 1e-3)
+    figure = Figure(figsize=(6, 2.5), dpi=80)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes((0.09, 0.2, 0.75, 0.68))
+    image = axes.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0.0, seconds, 0, mel.shape[0]))
     axes.set(title=title, xlabel="seconds", ylabel="mel bin")
-    figure.colorbar(image, ax=axes, label="dB")
-    figure.tight_layout()
+    figure.colorbar(image, cax=figure.add_axes((0.86, 0.2, 0.02, 0.68)), label="dB")
     return figure
 
 
 def write_spectrogram(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int, title: str) -> None:
     """Write the log-mel spectrogram of ``waveform`` as a PNG."""
-    _, pyplot = require_speech_extra()
-    figure = spectrogram_figure(waveform, sample_rate, title)
-    try:
-        figure.savefig(os.fspath(path), format="png")
-    finally:
-        pyplot.close(figure)
+    spectrogram_figure(waveform, sample_rate, title).savefig(os.fspath(path), format="png")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import first_line
-from .audio_files import require_speech_extra, spectrogram_figure
+from .audio_files import spectrogram_figure
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +39,13 @@ def log_to_trackers(trainer: Any, samples: Sequence[Any], sample_rate: int, glob
     wandb = getattr(wandb_callback, "_wandb", None) if wandb_callback is not None else None
     if writer is None and (wandb is None or getattr(wandb, "run", None) is None):
         return
-    _, pyplot = require_speech_extra()
     for sample in samples:
         name, text = sample.record.name, sample.record.text
         figure = spectrogram_figure(sample.waveform, sample_rate, title=f"step {global_step} · {name}")
         try:
             if writer is not None:
                 writer.add_audio(f"speech/{name}", torch.from_numpy(sample.waveform)[None], global_step, sample_rate)
-                writer.add_figure(f"speech/{name}_mel", figure, global_step, close=False)
+                writer.add_figure(f"speech/{name}_mel", figure, global_step)
                 writer.flush()
             if wandb is not None and getattr(wandb, "run", None) is not None:
                 wandb.log({
@@ -56,5 +55,3 @@ def log_to_trackers(trainer: Any, samples: Sequence[Any], sample_rate: int, glob
                 })  # fmt: skip
         except Exception as exc:  # a tracker's failure must not end the run
             logger.error("logging speech sample %r to the trackers failed: %s", name, first_line(exc))
-        finally:
-            pyplot.close(figure)
