@@ -1,0 +1,142 @@
+"""Speech on the Higgs stack: boson's HiggsAudioModel.generate and boson's audio tokenizer, tiny and random."""
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+
+from higgs_trainer.errors import UsageError
+from higgs_trainer.speech.backend import SpeechPrompt
+from tests.models import HIGGS_STACK
+
+pytestmark = pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal's HiggsAudioModel runs on transformers 4.46")
+PROMPT = SpeechPrompt("hello", "Hello there.")
+MAX_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def speech():
+    from tests import testing_boson_speech
+
+    return testing_boson_speech
+
+
+@pytest.fixture(scope="module")
+def backend(speech):
+    return speech.tiny_backend()
+
+
+@pytest.fixture(scope="module")
+def model(speech):
+    return speech.tiny_speech_model()
+
+
+class AudioScores(LogitsProcessor):
+    """Rewrites the audio steps' scores (boson's loop calls processors with input_ids=None there)."""
+
+    def __init__(self, rewrite):
+        self.rewrite = rewrite
+        self.audio_steps = 0
+
+    def __call__(self, input_ids, scores):
+        if input_ids is None:
+            self.audio_steps += 1
+            scores = self.rewrite(scores.clone())
+        return scores
+
+
+def stream_eos_at_once(scores):
+    scores[:] = -float("inf")
+    scores[:, -1] = 0.0  # the stream EOS, codebook_size + 1
+    return scores
+
+
+def never_stream_eos(scores):
+    scores[:, -1] = -float("inf")
+    return scores
+
+
+def generate(backend, model, prompt=PROMPT, **kwargs):
+    return backend.generate(model, prompt, max_new_tokens=MAX_NEW_TOKENS, generation_kwargs={}, **kwargs)
+
+
+def test_generation_decodes_to_a_float32_waveform_at_the_codec_rate(backend, model, speech):
+    result = generate(backend, model)
+    assert result.audio_started and result.codes.dtype == torch.long
+    assert result.codes.shape[0] == speech.CODEBOOKS and 0 < result.codes.shape[1] <= MAX_NEW_TOKENS
+    assert int(result.codes.max()) < speech.CODES  # no stream BOS/EOS left in the codes
+    waveform = backend.decode(result.codes)
+    assert backend.sample_rate == speech.SAMPLE_RATE
+    assert waveform.dtype == np.float32 and waveform.ndim == 1
+    assert len(waveform) == result.codes.shape[1] * int(np.prod(speech.RATIOS))
+    assert np.isfinite(waveform).all() and np.abs(waveform).max() > 0
+
+
+def test_greedy_generation_is_reproducible(backend, model):
+    first, second = generate(backend, model), generate(backend, model)
+    assert torch.equal(first.codes, second.codes) and first.ended == second.ended
+
+
+def test_a_lora_adapter_that_changed_weights_changes_the_codes(backend, speech):
+    peft_model = get_peft_model(
+        speech.tiny_speech_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    with peft_model.disable_adapter():
+        base_codes = generate(backend, peft_model).codes
+    assert torch.equal(base_codes, generate(backend, speech.tiny_speech_model()).codes)
+    adapted = generate(backend, peft_model)  # the PeftModel itself, LoRA active
+    assert not torch.equal(adapted.codes, base_codes)
+
+
+def test_audio_end_at_once_is_no_audio(backend, model):
+    forced = AudioScores(stream_eos_at_once)
+    result = generate(backend, model, logits_processor=LogitsProcessorList([forced]))
+    assert forced.audio_steps > 0  # it ran inside boson's generation loop
+    assert (result.ended, result.audio_started, result.codes.shape) == (True, False, (4, 0))
+    assert backend.decode(result.codes).shape == (0,)
+
+
+def test_no_audio_end_runs_away_to_the_length_limit(backend, model, speech):
+    forced = AudioScores(never_stream_eos)
+    result = generate(backend, model, logits_processor=LogitsProcessorList([forced]))
+    assert (result.ended, result.audio_started) == (False, True)
+    # one step opens the stream (BOS column); the delay pattern holds back the last CODEBOOKS - 1 columns
+    assert forced.audio_steps == MAX_NEW_TOKENS - 1
+    assert result.codes.shape == (speech.CODEBOOKS, MAX_NEW_TOKENS - speech.CODEBOOKS)
+
+
+@pytest.mark.parametrize("transcript", ["Reference words.", None])
+def test_a_reference_clip_conditions_generation(backend, model, speech, tmp_path, transcript):
+    clip = tmp_path / "voice.wav"
+    rate = 8000  # not the codec's rate: the backend resamples
+    soundfile.write(clip, np.random.default_rng(0).uniform(-0.5, 0.5, rate // 10).astype(np.float32), rate)
+    prompt = SpeechPrompt("cloned", "Hello there.", reference_audio=str(clip), reference_text=transcript)
+    inputs = backend.prompt_inputs(model, prompt)
+    # 0.1 s at 50 frames a second, with stream BOS and EOS, in the delay pattern (CODEBOOKS - 1 more columns)
+    reference_columns = 5 + 2 + speech.CODEBOOKS - 1
+    if transcript is not None:  # the clip is the assistant's earlier speech: audio-out context
+        assert inputs["audio_out_ids"].shape == (4, reference_columns)
+    else:  # the clip describes SPEAKER0 in the system turn: audio-in codes
+        assert inputs["audio_in_ids"].shape == (4, reference_columns) and inputs["audio_out_ids"].numel() == 0
+    result = generate(backend, model, prompt)
+    assert result.audio_started
+    assert not torch.equal(result.codes, generate(backend, model).codes[:, : result.codes.shape[1]])
+
+
+def test_bad_inputs_fail_with_one_line(backend, speech, model):
+    from higgs_trainer.speech.boson_backend import BosonSpeechBackend
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "?": 1}, unk_token="?")))
+    with pytest.raises(UsageError, match=r"lacks boson's special tokens <\|start_header_id\|>"):
+        BosonSpeechBackend(plain, backend.audio_tokenizer)
+    other_codec = speech.tiny_speech_model()
+    other_codec.config.audio_codebook_size = 1024
+    with pytest.raises(UsageError, match="4 codebooks of 32 codes but the model 4 of 1024"):
+        generate(backend, other_codec)
+    with pytest.raises(UsageError, match="not boson's HiggsAudioModel"):
+        generate(backend, torch.nn.Linear(2, 2))
+    with pytest.raises(UsageError, match="pass a WAV file"):
+        generate(backend, model, SpeechPrompt("x", "Hi.", reference_audio="missing.wav"))
