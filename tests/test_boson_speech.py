@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models
@@ -110,6 +109,8 @@ def test_no_audio_end_runs_away_to_the_length_limit(backend, model, speech):
 
 @pytest.mark.parametrize("transcript", ["Reference words.", None])
 def test_a_reference_clip_conditions_generation(backend, model, speech, tmp_path, transcript):
+    import soundfile  # the Higgs stack's, with boson's codec
+
     clip = tmp_path / "voice.wav"
     rate = 8000  # not the codec's rate: the backend resamples
     soundfile.write(clip, np.random.default_rng(0).uniform(-0.5, 0.5, rate // 10).astype(np.float32), rate)
