@@ -21,6 +21,13 @@ if [ ! -f "$venv/.complete" ]; then
         # boson-multimodal and what its data path imports, without their heavy declared dependencies.
         "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -r "$nodeps" >&2
     fi
+    # torchaudio without its compiled extension: the registry has no torchaudio build for the pinned torch 2.13 CPU
+    # (torchaudio 2.11.0's lib/*.so link CUDA libraries and cannot load). torchaudio's loader treats a missing
+    # library file as "no extension" (torchaudio/_extension/utils.py, _load_lib), and transformers' Higgs codec
+    # (HiggsAudioV2TokenizerModel, HiggsAudioV2Processor) uses only the pure-Python torchaudio.functional.resample.
+    # This step can go once a torchaudio build for the pinned torch exists (then pin it in requirements/ instead).
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps torchaudio==2.11.0 >&2
+    rm -f "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/torchaudio/lib/*.so
     touch "$venv/.complete"
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$root" >&2
