@@ -98,6 +98,38 @@ def test_audio_end_at_once_is_no_audio(backend, model):
     assert backend.decode(result.codes).shape == (0,)
 
 
+def test_an_audio_end_after_some_frames_ends_the_clip_there(backend, model, speech):
+    frames = 5
+
+    def first_codebook_ends_after_frames(scores):
+        scores = never_stream_eos(scores)
+        if forced.audio_steps > frames:  # as a trained model ends: codebook 0 first, boson's loop ends the others
+            scores[0] = -float("inf")
+            scores[0, -1] = 0.0
+        return scores
+
+    forced = AudioScores(first_codebook_ends_after_frames)
+    result = generate(backend, model, logits_processor=LogitsProcessorList([forced]))
+    assert (result.ended, result.audio_started) == (True, True)
+    assert result.codes.shape == (speech.CODEBOOKS, frames)  # the stream EOS columns are not codes
+    # boson's loop stops the codebooks one by one (delay pattern), then <|audio_eos|> ends generation
+    assert forced.audio_steps == frames + speech.CODEBOOKS
+
+
+def test_generation_kwargs_reach_boson_generate(backend, model):
+    greedy = generate(backend, model)
+    as_dict = backend.generate(
+        model, PROMPT, max_new_tokens=MAX_NEW_TOKENS, generation_kwargs={"return_dict_in_generate": True}
+    )
+    assert torch.equal(as_dict.codes, greedy.codes)
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": None, "seed": 7}
+    sampled = [
+        backend.generate(model, PROMPT, max_new_tokens=MAX_NEW_TOKENS, generation_kwargs=sampling) for _ in range(2)
+    ]
+    assert torch.equal(sampled[0].codes, sampled[1].codes)  # boson's loop seeds its own generator
+    assert not torch.equal(sampled[0].codes, greedy.codes)
+
+
 def test_no_audio_end_runs_away_to_the_length_limit(backend, model, speech):
     forced = AudioScores(never_stream_eos)
     result = generate(backend, model, logits_processor=LogitsProcessorList([forced]))

@@ -163,21 +163,23 @@ class BosonSpeechBackend:
         config = higgs.config
         self._check_codec_matches(config)
         inputs = self.prompt_inputs(higgs, prompt)
-        kwargs = {"do_sample": False, **generation_kwargs}
+        kwargs = {"do_sample": False, "use_cache": True, **generation_kwargs}
         stop_ids = kwargs.pop("eos_token_id", None)
         stop_ids = [] if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
         if logits_processor is not None:
             kwargs["logits_processor"] = logits_processor
+        kwargs |= {
+            "max_new_tokens": max_new_tokens,
+            "audio_out_bos_token_id": self.audio_out_bos_id,
+            "audio_eos_token_id": self.audio_eos_id,
+            "eos_token_id": [self.audio_eos_id, *stop_ids],  # one clip per prompt: stop where its audio ends
+        }
         prompt_length = inputs["input_ids"].shape[1]
-        text_ids, audio_sequences = higgs.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            use_cache=True,
-            audio_out_bos_token_id=self.audio_out_bos_id,
-            audio_eos_token_id=self.audio_eos_id,
-            eos_token_id=[self.audio_eos_id, *stop_ids],
-            **kwargs,
-        )
+        output = higgs.generate(**inputs, **kwargs)
+        if hasattr(output, "audio_sequences"):  # return_dict_in_generate=True
+            text_ids, audio_sequences = output.sequences, output.audio_sequences
+        else:
+            text_ids, audio_sequences = output
         ended = bool((text_ids[0, prompt_length:] == self.audio_eos_id).any())
         streams = [
             codes_from_audio_sequence(
@@ -197,12 +199,13 @@ class BosonSpeechBackend:
             waveform = self.audio_tokenizer.decode(codes.long().unsqueeze(0))
         return np.ascontiguousarray(waveform[0, 0], dtype=np.float32)
 
-    def prompt_inputs(self, higgs: nn.Module, prompt: SpeechPrompt) -> dict[str, Any]:
+    def prompt_inputs(self, model: nn.Module, prompt: SpeechPrompt) -> dict[str, Any]:
         """The keyword arguments of ``HiggsAudioModel.generate`` for ``prompt``: boson's ChatML through its collator."""
         from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
         from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
         from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
 
+        higgs = higgs_audio_model(model)
         config = higgs.config
         messages = [Message(role="system", content=self.system_message)]
         audio_ids = []
