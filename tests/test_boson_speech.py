@@ -159,6 +159,27 @@ def test_a_reference_clip_conditions_generation(backend, model, speech, tmp_path
     assert not torch.equal(result.codes, generate(backend, model).codes[:, : result.codes.shape[1]])
 
 
+def test_base_and_codec_saved_in_boson_formats_load_for_speak(backend, model, speech, tmp_path):
+    from higgs_trainer.speech.boson_backend import load_boson_speaker, save_audio_tokenizer
+
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    backend.tokenizer.save_pretrained(base)
+    save_audio_tokenizer(backend.audio_tokenizer, speech.AUDIO_TOKENIZER_CONFIG, base / "audio_tokenizer")
+    assert sorted(p.name for p in (base / "audio_tokenizer").iterdir()) == [
+        "config.json",
+        "model.pth",
+        "semantic_model",
+    ]
+    loaded_model, loaded = load_boson_speaker(base)
+    result = generate(loaded, loaded_model.eval())
+    assert torch.equal(result.codes, generate(backend, model).codes)
+    assert np.array_equal(loaded.decode(result.codes), backend.decode(result.codes))
+    clip = tmp_path / "voice.wav"
+    __import__("soundfile").write(clip, np.random.default_rng(1).uniform(-0.5, 0.5, 1600).astype(np.float32), 16000)
+    assert torch.equal(loaded.encode_reference(clip), backend.encode_reference(clip))  # the teacher came back too
+
+
 def test_bad_inputs_fail_with_one_line(backend, speech, model):
     from higgs_trainer.speech.boson_backend import BosonSpeechBackend
 
@@ -171,5 +192,9 @@ def test_bad_inputs_fail_with_one_line(backend, speech, model):
         generate(backend, other_codec)
     with pytest.raises(UsageError, match="not boson's HiggsAudioModel"):
         generate(backend, torch.nn.Linear(2, 2))
+    from higgs_trainer.speech.boson_backend import load_boson_speaker
+
+    with pytest.raises(UsageError, match="no boson audio tokenizer at .*: pass --codec DIR"):
+        load_boson_speaker("missing-base")
     with pytest.raises(UsageError, match="pass a WAV file"):
         generate(backend, model, SpeechPrompt("x", "Hi.", reference_audio="missing.wav"))

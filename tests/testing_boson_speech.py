@@ -19,6 +19,11 @@ from tests.models import VOCAB
 
 CODEBOOKS, CODES = 4, 32  # the codec's and the model's: 4 codebooks of 32 codes (+ stream BOS 32, EOS 33)
 SAMPLE_RATE, RATIOS = 16000, [4, 4, 4, 5]  # 50 frames a second, as boson's 16 kHz configs
+# HiggsAudioTokenizer's keywords, as in its config.json
+AUDIO_TOKENIZER_CONFIG = dict(
+    D=8, ratios=RATIOS, sample_rate=SAMPLE_RATE, bins=CODES, n_q=CODEBOOKS, codebook_dim=8,
+    semantic_techer="hubert_base", semantic_sample_rate=16000,
+)  # fmt: skip
 SPECIAL_IDS = {
     "<|pad|>": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2, "[UNK]": 3, "<|start_header_id|>": 240,
     "<|end_header_id|>": 241, "<|eot_id|>": 242, "<|eom_id|>": 243, "<|recipient|>": 244, "<|scene_desc_start|>": 245,
@@ -82,11 +87,7 @@ def tiny_audio_tokenizer(seed: int = 0) -> torch.nn.Module:
             num_conv_pos_embedding_groups=4,
         )
     )  # fmt: skip
-    config = dict(
-        D=8, ratios=RATIOS, sample_rate=SAMPLE_RATE, bins=CODES, n_q=CODEBOOKS, codebook_dim=8,
-        semantic_techer="hubert_base", semantic_sample_rate=16000,
-    )  # fmt: skip
-    tokenizer = audio_tokenizer_from_config(config, teacher)
+    tokenizer = audio_tokenizer_from_config(AUDIO_TOKENIZER_CONFIG, teacher)
     with torch.no_grad():
         for layer in tokenizer.quantizer.vq.layers:
             layer._codebook.embed.normal_()

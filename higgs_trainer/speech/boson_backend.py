@@ -21,8 +21,11 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,7 @@ from transformers import LogitsProcessorList
 
 from .._compat import boson_semantic_teacher
 from ..errors import UsageError
+from ..files.atomic import staged_directory
 from .backend import GeneratedSpeech, SpeechPrompt
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,89 @@ def audio_tokenizer_from_config(config: dict[str, Any], semantic_model: nn.Modul
     with boson_semantic_teacher(higgs_audio_tokenizer, semantic_model):
         tokenizer = higgs_audio_tokenizer.HiggsAudioTokenizer(**{**config, "device": device})
     return tokenizer.to(device).eval()
+
+
+SEMANTIC_DIRNAME = "semantic_model"  # optional: the teacher's transformers config, when not the named Hub model's
+_TEACHERS = {"hubert_base": "HubertConfig", "hubert_base_general": "HubertConfig", "wavlm_base_plus": "WavLMConfig"}
+
+
+def save_audio_tokenizer(audio_tokenizer: nn.Module, config: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write boson's tokenizer format: ``config.json`` (constructor keywords), ``model.pth`` (state dict), and the
+    teacher's config in ``semantic_model/config.json`` so that `load_audio_tokenizer` rebuilds it without the Hub.
+
+    The directory is written whole or not at all (it replaces ``directory``).
+
+    Args:
+        audio_tokenizer: the ``HiggsAudioTokenizer``.
+        config: the keywords it was built with (`audio_tokenizer_from_config`'s ``config``).
+        directory: where to write it.
+    """
+    with staged_directory(directory) as staging:
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / SEMANTIC_DIRNAME).mkdir()
+        (staging / SEMANTIC_DIRNAME / "config.json").write_text(audio_tokenizer.semantic_model.config.to_json_string())
+        torch.save(audio_tokenizer.state_dict(), staging / "model.pth")
+    return Path(directory)
+
+
+def load_audio_tokenizer(directory: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """boson's ``HiggsAudioTokenizer`` from a local directory in boson's format, nothing downloaded, no code run.
+
+    ``config.json`` gives the constructor's keywords, ``model.pth`` the weights (read with ``weights_only=True``;
+    keys it lacks are named in a WARNING, as boson's own loader loads non-strictly). The semantic teacher is built
+    from ``semantic_model/config.json`` when present (`save_audio_tokenizer` writes it), else from the transformers
+    default config of the teacher ``semantic_techer`` names (HuBERT base or WavLM base), its weights from ``model.pth``.
+
+    Args:
+        directory: the tokenizer's directory (e.g. ``bosonai/higgs-audio-v2-tokenizer`` downloaded beforehand).
+        device: where it runs.
+    """
+    import transformers
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{directory} is not a boson audio tokenizer: cannot read config.json ({error})") from error
+    teacher_file = directory / SEMANTIC_DIRNAME / "config.json"
+    if teacher_file.is_file():
+        teacher_config = transformers.AutoConfig.from_pretrained(teacher_file.parent, trust_remote_code=False)
+    else:
+        teacher = config.get("semantic_techer", "hubert_base_general")
+        if teacher not in _TEACHERS:
+            raise UsageError(
+                f"{directory}: semantic teacher {teacher!r} is not one of {', '.join(_TEACHERS)}; put its transformers "
+                f"config in {teacher_file}"
+            )
+        teacher_config = getattr(transformers, _TEACHERS[teacher])()
+    audio_tokenizer = audio_tokenizer_from_config(config, transformers.AutoModel.from_config(teacher_config), device)
+    try:
+        state = torch.load(directory / "model.pth", map_location=device, weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise UsageError(f"{directory}: cannot read model.pth as a state dict ({error})") from error
+    missing = audio_tokenizer.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        logger.warning("%s/model.pth lacks %d weights of the tokenizer (%s, ...)", directory, len(missing), missing[0])
+    return audio_tokenizer.eval()
+
+
+def load_boson_speaker(base: str | os.PathLike, codec: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """boson's ``HiggsAudioModel`` from ``base`` and a `BosonSpeechBackend` over its tokenizer and audio tokenizer.
+
+    Args:
+        base: the base model directory (``config.json`` of model_type ``higgs_audio``, its text tokenizer).
+        codec: the audio tokenizer's directory, ``base/audio_tokenizer`` unless given.
+    """
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+    from transformers import AutoTokenizer
+
+    base = Path(base)
+    codec = Path(codec) if codec is not None else base / "audio_tokenizer"
+    if not (codec / "config.json").is_file():
+        raise UsageError(f"no boson audio tokenizer at {codec}: pass --codec DIR (config.json and model.pth)")
+    model = HiggsAudioModel.from_pretrained(base)
+    backend = BosonSpeechBackend(AutoTokenizer.from_pretrained(base), load_audio_tokenizer(codec))
+    return model, backend
 
 
 def higgs_audio_model(model: nn.Module) -> nn.Module:
