@@ -1,7 +1,7 @@
 """Listen to a run: speech samples at every checkpoint (the ``speech`` extra: ``pip install "higgs-trainer[speech]"``).
 
-Importing this package imports nothing heavy; the callback and the writers import soundfile and matplotlib when
-used, and fail at once with a one-line error naming the extra when they are missing.
+Importing this package imports neither soundfile nor matplotlib; the callback and `higgs-trainer speak` import
+them when used and fail at once with a one-line error naming the extra when they are missing.
 
 Examples:
     >>> from higgs_trainer.speech import SpeechPrompt
@@ -10,5 +10,20 @@ Examples:
 """
 
 from .backend import GeneratedSpeech, SpeechBackend, SpeechPrompt, codes_sha256
+from .callback import SpeechSamplesCallback
+from .flags import FLAG_MEANINGS, FlagThresholds
+from .records import SampleRecord, read_records
+from .transformers_backend import TransformersSpeechBackend
 
-__all__ = ["GeneratedSpeech", "SpeechBackend", "SpeechPrompt", "codes_sha256"]
+__all__ = [
+    "FLAG_MEANINGS",
+    "FlagThresholds",
+    "GeneratedSpeech",
+    "SampleRecord",
+    "SpeechBackend",
+    "SpeechPrompt",
+    "SpeechSamplesCallback",
+    "TransformersSpeechBackend",
+    "codes_sha256",
+    "read_records",
+]

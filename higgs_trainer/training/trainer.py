@@ -105,6 +105,9 @@ class LoraAdapterSavingMixin:
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.last_saved_adapter: SavedAdapter | None = None
         self._saving_checkpoint = False  # True inside _save_checkpoint: what makes a save a checkpoint-N one
+        for callback in kwargs.get("callbacks") or []:  # e.g. SpeechSamplesCallback: it samples at our saves
+            if hasattr(callback, "bind_trainer"):
+                callback.bind_trainer(self)
         super().__init__(*args, **kwargs)
         if adapter_only_checkpoints and self.is_fsdp_enabled:
             raise HiggsTrainerError(
@@ -232,6 +235,18 @@ class LoraAdapterSavingMixin:
         if self._adapter_is_gathered():  # collective: every rank gathers, only the writer writes
             self.last_saved_adapter = save_lora_adapters(self, output_dir)
             self._warn_if_untrained(self.last_saved_adapter)
+        if not self._saving_checkpoint:  # the final save: checkpoint-N ones are heard in the callbacks' on_save
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "on_final_save"):
+                    callback.on_final_save(self, output_dir)
+
+    def add_callback(self, callback: Any) -> None:
+        super().add_callback(callback)
+        if hasattr(callback, "bind_trainer") and not isinstance(callback, type):  # added after construction
+            callback.bind_trainer(self)
+            callback.on_init_end(
+                self.args, self.state, self.control, model=self.model, processing_class=self.processing_class
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
