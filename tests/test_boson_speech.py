@@ -198,3 +198,31 @@ def test_bad_inputs_fail_with_one_line(backend, speech, model):
         load_boson_speaker("missing-base")
     with pytest.raises(UsageError, match="pass a WAV file"):
         generate(backend, model, SpeechPrompt("x", "Hi.", reference_audio="missing.wav"))
+
+
+def test_samples_through_the_boson_backend_are_flagged_and_written(backend, model, speech, tmp_path):
+    from higgs_trainer.speech.sampling import generate_sample, write_sample_files
+
+    def sample(rewrite):
+        processors = LogitsProcessorList([AudioScores(rewrite)])
+        return generate_sample(model, PROMPT, backend, max_new_tokens=MAX_NEW_TOKENS, logits_processor=processors)
+
+    assert sample(stream_eos_at_once).record.flags == ["no_audio"]
+    runaway = sample(never_stream_eos)
+    assert "runaway" in runaway.record.flags and runaway.record.frames == MAX_NEW_TOKENS - speech.CODEBOOKS
+
+    def one_frame_repeated(scores):
+        scores[:] = -float("inf")
+        scores[:, 7] = 0.0
+        return scores
+
+    collapsed = sample(one_frame_repeated)
+    assert "collapse" in collapsed.record.flags
+    write_sample_files(runaway, tmp_path, backend.sample_rate, title="checkpoint-1 / hello")
+    assert soundfile_rate(tmp_path / "hello.wav") == speech.SAMPLE_RATE and (tmp_path / "hello.png").stat().st_size
+
+
+def soundfile_rate(path):
+    import soundfile
+
+    return soundfile.info(str(path)).samplerate
