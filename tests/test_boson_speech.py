@@ -1,5 +1,7 @@
 """Speech on the Higgs stack: boson's HiggsAudioModel.generate and boson's audio tokenizer, tiny and random."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,8 +182,8 @@ def test_base_and_codec_saved_in_boson_formats_load_for_speak(backend, model, sp
     assert torch.equal(loaded.encode_reference(clip), backend.encode_reference(clip))  # the teacher came back too
 
 
-def test_bad_inputs_fail_with_one_line(backend, speech, model):
-    from higgs_trainer.speech.boson_backend import BosonSpeechBackend
+def test_bad_inputs_fail_with_one_line(backend, speech, model, tmp_path):
+    from higgs_trainer.speech.boson_backend import BosonSpeechBackend, load_audio_tokenizer, load_boson_speaker
 
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "?": 1}, unk_token="?")))
     with pytest.raises(UsageError, match=r"lacks boson's special tokens <\|start_header_id\|>"):
@@ -192,10 +194,19 @@ def test_bad_inputs_fail_with_one_line(backend, speech, model):
         generate(backend, other_codec)
     with pytest.raises(UsageError, match="not boson's HiggsAudioModel"):
         generate(backend, torch.nn.Linear(2, 2))
-    from higgs_trainer.speech.boson_backend import load_boson_speaker
-
     with pytest.raises(UsageError, match="no boson audio tokenizer at .*: pass --codec DIR"):
         load_boson_speaker("missing-base")
+    codec = tmp_path / "codec"
+    codec.mkdir()
+    (codec / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"codec is not a boson audio tokenizer: cannot read config.json \(Expecting"):
+        load_audio_tokenizer(codec)
+    (codec / "config.json").write_text(json.dumps(speech.AUDIO_TOKENIZER_CONFIG))
+    torch.save({"not": Exception("a pickled object")}, codec / "model.pth")
+    with pytest.raises(
+        UsageError, match=r"cannot read model.pth as a state dict \(weights_only=True refused it: [^\n]*\)$"
+    ):
+        load_audio_tokenizer(codec)
     with pytest.raises(UsageError, match="pass a WAV file"):
         generate(backend, model, SpeechPrompt("x", "Hi.", reference_audio="missing.wav"))
 

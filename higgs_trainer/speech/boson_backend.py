@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from torch import nn
 from transformers import LogitsProcessorList
 
 from .._compat import boson_semantic_teacher
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..files.atomic import staged_directory
 from .backend import GeneratedSpeech, SpeechPrompt
 
@@ -119,7 +120,9 @@ def load_audio_tokenizer(directory: str | os.PathLike, device: str = "cpu") -> n
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as error:
-        raise UsageError(f"{directory} is not a boson audio tokenizer: cannot read config.json ({error})") from error
+        raise UsageError(
+            f"{directory} is not a boson audio tokenizer: cannot read config.json ({first_line(error)})"
+        ) from error
     teacher_file = directory / SEMANTIC_DIRNAME / "config.json"
     if teacher_file.is_file():
         teacher_config = transformers.AutoConfig.from_pretrained(teacher_file.parent, trust_remote_code=False)
@@ -131,11 +134,11 @@ def load_audio_tokenizer(directory: str | os.PathLike, device: str = "cpu") -> n
                 f"config in {teacher_file}"
             )
         teacher_config = getattr(transformers, _TEACHERS[teacher])()
-    audio_tokenizer = audio_tokenizer_from_config(config, transformers.AutoModel.from_config(teacher_config), device)
     try:
         state = torch.load(directory / "model.pth", map_location=device, weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise UsageError(f"{directory}: cannot read model.pth as a state dict ({error})") from error
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:  # weights_only refuses anything but tensors
+        raise UsageError(f"{directory}: cannot read model.pth as a state dict ({first_line(error)})") from error
+    audio_tokenizer = audio_tokenizer_from_config(config, transformers.AutoModel.from_config(teacher_config), device)
     missing = audio_tokenizer.load_state_dict(state, strict=False).missing_keys
     if missing:
         logger.warning("%s/model.pth lacks %d weights of the tokenizer (%s, ...)", directory, len(missing), missing[0])
@@ -345,7 +348,7 @@ class BosonSpeechBackend:
         try:
             waveform, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         except (OSError, RuntimeError) as error:  # soundfile.LibsndfileError is a RuntimeError
-            raise UsageError(f"cannot read the reference clip {path}: {error}; pass a WAV file") from error
+            raise UsageError(f"cannot read the reference clip {path}: {first_line(error)}; pass a WAV file") from error
         mono = torch.from_numpy(waveform.mean(axis=1))
         if rate != self.sample_rate:
             mono = torchaudio.functional.resample(mono, rate, self.sample_rate)
