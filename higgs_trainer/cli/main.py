@@ -1,9 +1,9 @@
-"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge`` and ``convert``.
+"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge``, ``convert`` and ``speak``.
 
 Here: the argument parser, and running a command: each lives in a module of its own
-(`verify`, `extract`, `merge`, `convert`), imported only once its arguments parsed (``--help`` and
+(`verify`, `extract`, `merge`, `convert`, `speak`), imported only once its arguments parsed (``--help`` and
 ``--version`` import neither torch nor transformers), that calls one library function
-(`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`) and prints what it did on
+(`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`, `speak`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
 error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an interrupted command
 removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
@@ -149,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
     convert.add_argument("--base", metavar="BASE_DIR", help="also load converted adapters onto this base with peft")
     convert.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+
+    speak = commands.add_parser(
+        "speak",
+        parents=[common],
+        help="speak a text with a base model and a saved adapter (no merge): WAV and mel spectrogram",
+        description="Load BASE_DIR and the adapter DIR stands for (an adapter, a checkpoint-N, or a run directory: "
+        "its final adapter, else its last checkpoint's) without merging, generate TEXT greedily, decode it with the "
+        "base's codec (BASE_DIR/audio_tokenizer or --codec) and write OUT.wav and OUT.png. Greedy with the callback's "
+        "settings, the codes equal that checkpoint's sample (the sha256 in its speech/speech.json). Needs the speech "
+        'extra: pip install "higgs-trainer[speech]".',
+    )
+    speak.add_argument("--base", required=True, metavar="BASE_DIR", help="the base model directory")
+    speak.add_argument("--adapter", required=True, metavar="DIR", help="adapter, checkpoint or run directory")
+    speak.add_argument("--text", required=True, help="what to say")
+    speak.add_argument("--output", "-o", required=True, metavar="OUT.wav", help="the WAV to write (.png beside it)")
+    speak.add_argument("--reference", metavar="WAV", help="a clip whose voice to clone")
+    speak.add_argument("--reference-text", metavar="TEXT", help="the reference clip's transcript")
+    speak.add_argument("--codec", metavar="DIR", help="the audio codec directory (default: BASE_DIR/audio_tokenizer)")
+    speak.add_argument(
+        "--max-new-tokens", type=int, default=256, metavar="N", help="generation's length limit (default: 256)"
+    )
     return parser
 
 
@@ -250,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: name a command: verify, extract, merge or convert", file=sys.stderr)
+        print(f"{PROG}: error: name a command: verify, extract, merge, convert or speak", file=sys.stderr)
         return 2
     try:  # the command's module imports torch and transformers: seconds in which a Ctrl-C must be one line too
         command = importlib.import_module(f"{__package__}.{args.command}")

@@ -86,7 +86,7 @@ def default_backend(processing_class: Any) -> SpeechBackend:
 
 def _sharded(args: Any) -> str | None:
     """'DeepSpeed ZeRO-3' or 'FSDP' when parameters are sharded across processes (generation would need them whole)."""
-    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+    if getattr(args, "fsdp", None):  # transformers 4.46: a list of options ([] when off); 5.x: True / None
         return "FSDP"
     hf_config = getattr(args, "hf_deepspeed_config", None)
     if hf_config is not None and hf_config.is_zero3():
