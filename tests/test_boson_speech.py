@@ -237,3 +237,43 @@ def soundfile_rate(path):
     import soundfile
 
     return soundfile.info(str(path)).samplerate
+
+
+def test_speak_on_a_checkpoint_gives_the_codes_the_callback_heard(backend, speech, tmp_path, capsys):
+    """HiggsLoraTrainer + SpeechSamplesCallback on boson's HiggsAudioModel, then `higgs-trainer speak` on checkpoint-2."""
+    import transformers
+
+    from higgs_trainer import HiggsLoraTrainer
+    from higgs_trainer.speech import SpeechSamplesCallback
+    from higgs_trainer.speech.boson_backend import save_audio_tokenizer
+    from tests.cli import run_cli
+    from tests.models import RandomTokens, Wrapper, lora_config
+
+    base = speech.tiny_speech_model()
+    base_dir = tmp_path / "base_model"  # what `speak --base` loads: the base before LoRA, its tokenizer and codec
+    base.save_pretrained(base_dir)
+    backend.tokenizer.save_pretrained(base_dir)
+    save_audio_tokenizer(backend.audio_tokenizer, speech.AUDIO_TOKENIZER_CONFIG, base_dir / "audio_tokenizer")
+    callback = SpeechSamplesCallback([PROMPT], backend, max_new_tokens=MAX_NEW_TOKENS)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=2,
+        learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = HiggsLoraTrainer(
+        model=Wrapper(get_peft_model(base, lora_config())), args=args, train_dataset=RandomTokens(n=4, audio=False),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    assert callback.failed == []
+    heard = [
+        json.loads((tmp_path / "run" / f"checkpoint-{step}" / "speech" / "speech.json").read_text())["samples"][0]
+        for step in (1, 2)
+    ]
+    assert heard[0]["frames"] > 0 and heard[0]["codes_sha256"] != heard[1]["codes_sha256"]  # training changed them
+    code, stdout, err = run_cli(
+        capsys, "speak", "--base", base_dir, "--adapter", tmp_path / "run" / "checkpoint-2", "--text", PROMPT.text,
+        "--output", tmp_path / "spoken.wav", "--max-new-tokens", MAX_NEW_TOKENS, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    spoken = json.loads(stdout)
+    assert (spoken["codes_sha256"], spoken["frames"]) == (heard[1]["codes_sha256"], heard[1]["frames"])
