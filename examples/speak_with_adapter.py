@@ -27,6 +27,7 @@ from torch import nn
 
 from higgs_trainer import HiggsLoraTrainer
 from higgs_trainer.speech import SpeechPrompt, SpeechSamplesCallback, read_records
+from higgs_trainer.speech.callback import DEFAULT_MAX_NEW_TOKENS
 from higgs_trainer.speech.speak import speak
 
 SAMPLE_RATE = 24000
@@ -35,7 +36,6 @@ STREAM_BOS, STREAM_EOS = CODES, CODES + 1
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "say", "a", "low", "high", "tone", "please"]
 SPECIAL = ["<|AUDIO_OUT|>", "<|audio_out_bos|>", "<|audio_eos|>", "<|reserved_special_token_6|>"]
 PROMPTS = {"low": "say a low tone please", "high": "say a high tone please"}
-MAX_NEW_TOKENS = 32  # audio frames (+ the delay pattern's few): the tones are 10 frames
 
 
 def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -61,9 +61,9 @@ def tiny_codec(seed: int = 0) -> transformers.HiggsAudioV2TokenizerModel:
     )  # fmt: skip
     torch.manual_seed(seed)
     codec = transformers.HiggsAudioV2TokenizerModel(config).eval()
-    with torch.no_grad():  # the codebooks start at zero (they are loaded from a checkpoint): random ones here
-        for layer in codec.quantizer.quantizers:
-            layer.codebook.embed.normal_()
+    with torch.no_grad():  # the codebooks start at zero (they are loaded from a checkpoint): random ones here, at
+        for layer in codec.quantizer.quantizers:  # the scale of the encoder's output, so different audio, other codes
+            layer.codebook.embed.normal_(std=0.01)
     return codec
 
 
@@ -121,7 +121,13 @@ class Collator:
     def __call__(self, items: list[tuple[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         p = self.processor
         texts = [f"{text} {p.audio_bos_token}{p.audio_token}{p.audio_eos_token}" for text, _ in items]
-        return dict(p(text=texts, audio=[audio for _, audio in items], output_labels=True, return_tensors="pt"))
+        batch = dict(p(text=texts, audio=[audio for _, audio in items], output_labels=True, return_tensors="pt"))
+        # output_labels=True masks every stream EOS (-100): a model trained on that never learns to end its audio
+        # (the callback flags it `runaway`). Teach the end: the first stream EOS of each codebook is a label.
+        eos = batch["audio_input_ids"] == p.audio_stream_eos_id
+        first_eos = eos & (eos.cumsum(dim=1) == 1)
+        batch["audio_labels"][first_eos] = p.audio_stream_eos_id
+        return batch
 
 
 class HiggsAudioModelWrapper(nn.Module):
@@ -136,7 +142,10 @@ class HiggsAudioModelWrapper(nn.Module):
         return {"loss": out.loss, "logits": out.logits}
 
 
-def run(output_dir: str | Path, max_steps: int = 30, seed: int = 0, save_steps: int | None = None) -> dict:
+def run(
+    output_dir: str | Path, max_steps: int = 30, seed: int = 0, save_steps: int | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict:  # fmt: skip
     """Train with speech samples at every save, then speak from the saved adapter; returns paths and hashes."""
     output_dir = Path(output_dir)
     processor = tiny_processor(tiny_codec(seed))
@@ -146,6 +155,7 @@ def run(output_dir: str | Path, max_steps: int = 30, seed: int = 0, save_steps: 
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0,
         target_modules=["q_proj", "v_proj", "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj"],
+        modules_to_save=["audio_lm_head"],  # the audio head trained whole: the tiny model learns the tones and their end
     )  # fmt: skip
     wrapper = HiggsAudioModelWrapper(get_peft_model(base, lora))
     args = transformers.TrainingArguments(
@@ -155,7 +165,7 @@ def run(output_dir: str | Path, max_steps: int = 30, seed: int = 0, save_steps: 
         dataloader_num_workers=0, remove_unused_columns=False,
     )  # fmt: skip
     speech = SpeechSamplesCallback(
-        [SpeechPrompt(name, text) for name, text in PROMPTS.items()], max_new_tokens=MAX_NEW_TOKENS
+        [SpeechPrompt(name, text) for name, text in PROMPTS.items()], max_new_tokens=max_new_tokens
     )
     trainer = HiggsLoraTrainer(
         model=wrapper, args=args, train_dataset=ToneRequests(), data_collator=Collator(processor),
@@ -168,7 +178,7 @@ def run(output_dir: str | Path, max_steps: int = 30, seed: int = 0, save_steps: 
     heard = {s["name"]: s for s in read_records(last / "speech" / "speech.json")["samples"]}
     spoken = speak(
         output_dir / "base_model", last, PROMPTS["high"], output_dir / "speak" / "high.wav",
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=max_new_tokens,
     )  # fmt: skip
     return {
         "run": output_dir,
@@ -185,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="output/tiny-higgs-v2-speech")
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="length limit of a sample")
     args = parser.parse_args(argv)
-    result = run(args.output_dir, args.max_steps, args.seed)
+    result = run(args.output_dir, args.max_steps, args.seed, max_new_tokens=args.max_new_tokens)
     print("Speech samples (WAV, mel-spectrogram PNG, speech.json) at every save:")
     for directory in result["speech_dirs"]:
         records = read_records(directory / "speech.json")["samples"]
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Spoken from {spoken.adapter} (base + adapter, not merged) -> {spoken.wav}")
     print(f"  same codes as {result['last_checkpoint'].name}/speech/high.wav: {same}")
     print(f"Listen: higgs-trainer speak --base {result['run']}/base_model --adapter {result['last_checkpoint']} "
-          f'--text "{PROMPTS["low"]}" --output low.wav')  # fmt: skip
+          f'--text "{PROMPTS["low"]}" --output low.wav --max-new-tokens {args.max_new_tokens}')  # fmt: skip
     return 0 if same else 1
 
 

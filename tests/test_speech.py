@@ -348,6 +348,15 @@ def test_the_library_imports_without_the_speech_extra():
     assert result.returncode == 0 and result.stdout.strip().endswith("imported"), result.stderr
 
 
+def test_the_demo_prints_where_the_samples_of_every_save_are(tmp_path, capsys):
+    assert ex.main(["--output-dir", str(tmp_path), "--max-steps", "2", "--max-new-tokens", str(MAX_NEW)]) == 0
+    out = capsys.readouterr().out
+    for directory in (tmp_path / "checkpoint-1", tmp_path / "checkpoint-2", tmp_path):
+        assert f"  {directory / 'speech'}: low.wav " in out and (directory / "speech" / "high.wav").is_file()
+    assert "same codes as checkpoint-2/speech/high.wav: True" in out
+    assert f"higgs-trainer speak --base {tmp_path}/base_model --adapter {tmp_path / 'checkpoint-2'}" in out
+
+
 def test_flags_on_codes_and_waveforms():
     from higgs_trainer.speech.backend import GeneratedSpeech
     from higgs_trainer.speech.flags import speech_flags
