@@ -161,27 +161,6 @@ def test_a_reference_clip_conditions_generation(backend, model, speech, tmp_path
     assert not torch.equal(result.codes, generate(backend, model).codes[:, : result.codes.shape[1]])
 
 
-def test_base_and_codec_saved_in_boson_formats_load_for_speak(backend, model, speech, tmp_path):
-    from higgs_trainer.speech.boson_backend import load_boson_speaker, save_audio_tokenizer
-
-    base = tmp_path / "base"
-    model.save_pretrained(base)
-    backend.tokenizer.save_pretrained(base)
-    save_audio_tokenizer(backend.audio_tokenizer, speech.AUDIO_TOKENIZER_CONFIG, base / "audio_tokenizer")
-    assert sorted(p.name for p in (base / "audio_tokenizer").iterdir()) == [
-        "config.json",
-        "model.pth",
-        "semantic_model",
-    ]
-    loaded_model, loaded = load_boson_speaker(base)
-    result = generate(loaded, loaded_model.eval())
-    assert torch.equal(result.codes, generate(backend, model).codes)
-    assert np.array_equal(loaded.decode(result.codes), backend.decode(result.codes))
-    clip = tmp_path / "voice.wav"
-    __import__("soundfile").write(clip, np.random.default_rng(1).uniform(-0.5, 0.5, 1600).astype(np.float32), 16000)
-    assert torch.equal(loaded.encode_reference(clip), backend.encode_reference(clip))  # the teacher came back too
-
-
 def test_bad_inputs_fail_with_one_line(backend, speech, model, tmp_path):
     from higgs_trainer.speech.boson_backend import BosonSpeechBackend, load_audio_tokenizer, load_boson_speaker
 
@@ -239,8 +218,10 @@ def soundfile_rate(path):
     return soundfile.info(str(path)).samplerate
 
 
-def test_speak_on_a_checkpoint_gives_the_codes_the_callback_heard(backend, speech, tmp_path, capsys):
-    """HiggsLoraTrainer + SpeechSamplesCallback on boson's HiggsAudioModel, then `higgs-trainer speak` on checkpoint-2."""
+def test_speak_on_a_checkpoint_gives_the_codes_and_audio_the_callback_heard(backend, speech, tmp_path, capsys):
+    """HiggsLoraTrainer + SpeechSamplesCallback on boson's HiggsAudioModel, then `higgs-trainer speak` on checkpoint-2
+    with the base, its tokenizer and the codec loaded back from boson's formats."""
+    import soundfile
     import transformers
 
     from higgs_trainer import HiggsLoraTrainer
@@ -254,7 +235,14 @@ def test_speak_on_a_checkpoint_gives_the_codes_the_callback_heard(backend, speec
     base.save_pretrained(base_dir)
     backend.tokenizer.save_pretrained(base_dir)
     save_audio_tokenizer(backend.audio_tokenizer, speech.AUDIO_TOKENIZER_CONFIG, base_dir / "audio_tokenizer")
-    callback = SpeechSamplesCallback([PROMPT], backend, max_new_tokens=MAX_NEW_TOKENS)
+    assert sorted(p.name for p in (base_dir / "audio_tokenizer").iterdir()) == [
+        "config.json", "model.pth", "semantic_model",
+    ]  # fmt: skip
+    clip = tmp_path / "voice.wav"
+    soundfile.write(clip, np.random.default_rng(1).uniform(-0.5, 0.5, 1600).astype(np.float32), 16000)
+    cloned = SpeechPrompt("cloned", PROMPT.text, reference_audio=str(clip), reference_text="Reference words.")
+    short = 8  # 4 frames: decoding is most of the cost
+    callback = SpeechSamplesCallback([cloned], backend, max_new_tokens=short)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=2,
         learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
@@ -266,14 +254,19 @@ def test_speak_on_a_checkpoint_gives_the_codes_the_callback_heard(backend, speec
     trainer.train()
     assert callback.failed == []
     heard = [
-        json.loads((tmp_path / "run" / f"checkpoint-{step}" / "speech" / "speech.json").read_text())["samples"][0]
+        json.loads((tmp_path / "run" / f"checkpoint-{step}" / "speech" / "speech.json").read_text())["samples"]
         for step in (1, 2)
     ]
-    assert heard[0]["frames"] > 0 and heard[0]["codes_sha256"] != heard[1]["codes_sha256"]  # training changed them
+    assert heard[0][0]["frames"] > 0 and heard[0][0]["codes_sha256"] != heard[1][0]["codes_sha256"]  # it trained
+    # speak with the reference clip: the same codes need the model, the tokenizer and the codec's encoder (the clip's
+    # codes) loaded back; the same audio needs its decoder
     code, stdout, err = run_cli(
-        capsys, "speak", "--base", base_dir, "--adapter", tmp_path / "run" / "checkpoint-2", "--text", PROMPT.text,
-        "--output", tmp_path / "spoken.wav", "--max-new-tokens", MAX_NEW_TOKENS, "--json",
+        capsys, "speak", "--base", base_dir, "--adapter", tmp_path / "run" / "checkpoint-2", "--text", cloned.text,
+        "--reference", clip, "--reference-text", cloned.reference_text, "--output", tmp_path / "cloned.wav",
+        "--max-new-tokens", short, "--json",
     )  # fmt: skip
     assert code == 0, err
-    spoken = json.loads(stdout)
-    assert (spoken["codes_sha256"], spoken["frames"]) == (heard[1]["codes_sha256"], heard[1]["frames"])
+    spoken, sample = json.loads(stdout), heard[1][0]
+    assert (spoken["codes_sha256"], spoken["frames"]) == (sample["codes_sha256"], sample["frames"])
+    heard_wav = tmp_path / "run" / "checkpoint-2" / "speech" / "cloned.wav"
+    assert soundfile.read(tmp_path / "cloned.wav")[0].tolist() == soundfile.read(heard_wav)[0].tolist()
