@@ -234,3 +234,35 @@ def reregister_fsdp1_original_parameters(model: torch.nn.Module) -> int:
         handle._use_unsharded_views(as_params=True)
         fixed += 1
     return fixed
+
+
+# boson-multimodal 0.1.1: HiggsAudioTokenizer.__init__ fetches its semantic teacher itself.
+#
+# It calls `AutoModel.from_pretrained(<hard-coded Hub id>)` (higgs_audio_tokenizer.py:80-96; "hubert_base_general" also
+# with trust_remote_code=True), then loads the whole state, teacher included, from the tokenizer's model.pth. The
+# shim can go when boson's constructor takes the teacher (or its config) as an argument.
+
+
+class _GivenSemanticTeacher:
+    """Stands in for ``AutoModel`` inside boson's tokenizer module: ``from_pretrained`` returns the given model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def from_pretrained(self, name: str, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        return self.model
+
+
+@contextlib.contextmanager
+def boson_semantic_teacher(tokenizer_module: Any, model: torch.nn.Module) -> Iterator[None]:
+    """While constructing a ``HiggsAudioTokenizer``: its teacher is ``model`` (built from a config), nothing downloaded.
+
+    ``tokenizer_module`` is ``boson_multimodal.audio_processing.higgs_audio_tokenizer`` (passed in, so that this
+    module never imports boson_multimodal). Only that module's name ``AutoModel`` is replaced, and put back after.
+    """
+    previous = tokenizer_module.AutoModel
+    tokenizer_module.AutoModel = _GivenSemanticTeacher(model)
+    try:
+        yield
+    finally:
+        tokenizer_module.AutoModel = previous

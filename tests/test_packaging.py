@@ -28,7 +28,12 @@ BUILD_INPUTS = ["pyproject.toml", "setup.cfg", "README.md", "LICENSE", "higgs_tr
 # Imported by higgs_trainer but not a requirement: boson-multimodal only where a boson model is merged or loaded
 # (the user's Higgs setup installs it), deepspeed only under DeepSpeed (the `deepspeed` extra), soundfile and
 # matplotlib only by higgs_trainer.speech (the `speech` extra).
-OPTIONAL_IMPORTS = {"boson_multimodal": None, "deepspeed": "deepspeed", "soundfile": "speech", "matplotlib": "speech"}
+# module -> the extra that installs it (None: installed with boson-multimodal, as the Higgs stack does; torchaudio is
+# one of boson-multimodal's dependencies, used by the boson speech backend to resample a reference clip)
+OPTIONAL_IMPORTS = {
+    "boson_multimodal": None, "torchaudio": None, "deepspeed": "deepspeed", "soundfile": "speech",
+    "matplotlib": "speech",
+}  # fmt: skip
 
 
 def run(cmd, cwd, env=None):
@@ -110,7 +115,7 @@ def test_every_third_party_import_is_a_declared_requirement(dists):
     _, wheel, _ = dists
     requirements = [Requirement(r) for r in wheel_metadata(wheel).get_all("Requires-Dist")]
     required = {r.name.lower().replace("_", "-") for r in requirements if r.marker is None}
-    extras = {r.name.lower().replace("_", "-") for r in requirements if r.marker is not None}
+    extras = {str(r.marker).split('extra == "')[1].split('"')[0] for r in requirements if r.marker is not None}
     distributions = importlib.metadata.packages_distributions()
     imported = third_party_imports()
     assert {"torch", "transformers", "peft", "numpy", "packaging", "tqdm"} <= imported  # the scan sees the imports
