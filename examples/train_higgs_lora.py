@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import shlex
+import string
 import sys
 from pathlib import Path
 
@@ -56,10 +57,18 @@ from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSample
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 from peft import LoraConfig, get_peft_model
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import AutoTokenizer, HubertConfig, HubertModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from higgs_trainer import LoraAdapterSavingMixin, inspect_adapter
+from higgs_trainer.speech import SpeechPrompt, SpeechSamplesCallback, read_records
+from higgs_trainer.speech.boson_backend import (
+    BosonSpeechBackend,
+    audio_tokenizer_from_config,
+    load_audio_tokenizer,
+    save_audio_tokenizer,
+)
 
 logger = logging.getLogger("train_higgs_lora")
 
@@ -77,6 +86,21 @@ BATCH_FIELDS = (
     "label_ids",
     "label_audio_ids",
 )
+
+
+# Heard at every save (--speech-prompt replaces them); the tiny model is random, so its samples are flagged.
+SPEECH_PROMPTS = ["Hello there.", "Good morning."]
+# boson's text special tokens at the tiny model's ids (the real model's tokenizer has them).
+SPECIAL_IDS = {
+    "<|pad|>": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2, "[UNK]": 3, "<|start_header_id|>": 240,
+    "<|end_header_id|>": 241, "<|eot_id|>": 242, "<|AUDIO|>": AUDIO_IN, "<|AUDIO_OUT|>": AUDIO_OUT,
+    "<|audio_out_bos|>": AUDIO_OUT_BOS, "<|audio_eos|>": AUDIO_EOS,
+}  # fmt: skip
+# boson's HiggsAudioTokenizer keywords for a tiny codec: 16 kHz, 4 codebooks of 32 codes, 50 frames a second.
+TINY_CODEC = dict(
+    D=8, ratios=[4, 4, 4, 5], sample_rate=16000, bins=CODEBOOK_SIZE, n_q=CODEBOOKS, codebook_dim=8,
+    semantic_techer="hubert_base", semantic_sample_rate=16000,
+)  # fmt: skip
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -98,6 +122,39 @@ def tiny_higgs_model(seed: int = 0) -> HiggsAudioModel:
         pad_token_id=0,
     )  # fmt: skip
     return HiggsAudioModel(config)
+
+
+def tiny_text_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable character, and boson's special tokens at the tiny model's ids."""
+    vocabulary = {character: 4 + i for i, character in enumerate(string.printable[:-3])} | SPECIAL_IDS
+    unused = sorted(set(range(256)) - set(vocabulary.values()))
+    vocabulary |= {f"<|reserved_{i}|>": i for i in unused}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.add_special_tokens([token for token in SPECIAL_IDS if token != "[UNK]"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|pad|>",
+        unk_token="[UNK]",
+    )  # fmt: skip
+
+
+def tiny_audio_tokenizer(seed: int = 0) -> nn.Module:
+    """boson's HiggsAudioTokenizer, tiny and random (a one-layer random HuBERT as its semantic teacher)."""
+    torch.manual_seed(seed)
+    teacher = HubertModel(
+        HubertConfig(
+            hidden_size=768, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(16,) * 4,
+            conv_kernel=(10, 4, 4, 4), conv_stride=(5, 4, 4, 4), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+        )
+    )  # fmt: skip
+    codec = audio_tokenizer_from_config(TINY_CODEC, teacher)
+    with torch.no_grad():  # random codebooks, marked initialised as after loading a trained model.pth
+        for layer in codec.quantizer.vq.layers:
+            layer._codebook.embed.normal_()
+            layer._codebook.embed_avg.copy_(layer._codebook.embed)
+            layer._codebook.inited.fill_(1)
+    return codec.eval()
 
 
 class HiggsAudioModelWrapper(nn.Module):
@@ -373,7 +430,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--adapter-only-checkpoints", action="store_true", help="checkpoints without base weights")
     parser.add_argument("--resume-from-checkpoint", help="a checkpoint-N directory of an earlier run")
+    parser.add_argument(
+        "--speech-prompt", action="append", metavar="TEXT", help="a text to speak at every save (repeatable)"
+    )
+    parser.add_argument("--audio-tokenizer", metavar="DIR", help="boson audio tokenizer directory (with --model-path)")
+    parser.add_argument("--speech-max-new-tokens", type=int, default=32, help="length limit of each speech sample")
+    parser.add_argument("--no-speech", action="store_true", help="no speech samples at the saves")
     args = parser.parse_args(argv)
+    if args.model_path and args.speech_prompt and not args.audio_tokenizer and not args.no_speech:
+        parser.error("--speech-prompt with --model-path needs --audio-tokenizer DIR (the codec that decodes audio)")
     if args.data_dir and not args.model_path:
         parser.error("--data-dir trains a real model: give --model-path too")
     if args.model_path and not args.data_dir:
@@ -388,7 +453,10 @@ def build_trainer(args: argparse.Namespace) -> HiggsAudioTrainer:
         train_dataset = JsonlSpeechSamples(args.data_dir, base.config)
     else:
         base = tiny_higgs_model()
-        base.save_pretrained(Path(args.output_dir) / "base_model")  # so the printed merge command runs as is
+        base_dir = Path(args.output_dir) / "base_model"
+        base.save_pretrained(base_dir)  # so the printed merge and speak commands run as is
+        tiny_text_tokenizer().save_pretrained(base_dir)
+        save_audio_tokenizer(tiny_audio_tokenizer(), TINY_CODEC, base_dir / "audio_tokenizer")
         train_dataset = SyntheticSpeechSamples()
     wrapper = HiggsAudioModelWrapper(base)
     wrapper.model = get_peft_model(
@@ -408,7 +476,17 @@ def build_trainer(args: argparse.Namespace) -> HiggsAudioTrainer:
         train_dataset=train_dataset,
         data_collator=HiggsAudioTrainingCollator(base.config),
         adapter_only_checkpoints=args.adapter_only_checkpoints,
+        callbacks=[] if args.no_speech or (args.model_path and not args.speech_prompt) else [speech_samples(args)],
     )
+
+
+def speech_samples(args: argparse.Namespace) -> SpeechSamplesCallback:
+    """Speak the prompts at every save through boson's generation and audio tokenizer (higgs_trainer.speech)."""
+    base = Path(args.model_path or Path(args.output_dir) / "base_model")
+    codec = Path(args.audio_tokenizer) if args.audio_tokenizer else base / "audio_tokenizer"
+    backend = BosonSpeechBackend(AutoTokenizer.from_pretrained(base), load_audio_tokenizer(codec))
+    prompts = [SpeechPrompt(f"prompt{i}", text) for i, text in enumerate(args.speech_prompt or SPEECH_PROMPTS)]
+    return SpeechSamplesCallback(prompts, backend=backend, max_new_tokens=args.speech_max_new_tokens)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -425,6 +503,17 @@ def report(args: argparse.Namespace) -> None:
             + (f", modules_to_save {', '.join(s.modules_to_save)}" if s.modules_to_save else "")
             + f" [{status}]"
         )
+    speech = [d / "speech" for d in [*(c.parent for c in checkpoints), out] if (d / "speech" / "speech.json").is_file()]
+    if speech:
+        print("\nSpeech samples (WAV, mel-spectrogram PNG, speech.json) at every save:")
+        for directory in speech:
+            samples = read_records(directory / "speech.json")["samples"]
+            listed = ", ".join(
+                f"{s['name']}.wav {s['seconds']:.2f}s" + (f" [{', '.join(s['flags'])}]" if s["flags"] else "")
+                for s in samples
+            )
+            print(f"  {directory}: {listed}")
+        print("  (a random tiny model's speech is flagged: see docs/listening.md)")
     # Full paths, so that the commands run as printed from a new shell (any directory, this environment not active).
     run, base = out.resolve(), Path(args.model_path or out / "base_model").resolve()
     command, adapter = higgs_trainer_command(), run / "lora_adapters"
@@ -436,6 +525,12 @@ def report(args: argparse.Namespace) -> None:
     )
     print("          (streams the base's safetensors tensor by tensor; add --compare to check the merged outputs)")
     print(f"  load:   PeftModel.from_pretrained(HiggsAudioModel.from_pretrained('{base}'), '{adapter}')")
+    if speech:
+        codec = f" --codec {shlex.quote(args.audio_tokenizer)}" if args.audio_tokenizer else ""
+        print(
+            f"  speak:  {command} speak --base {shlex.quote(str(base))} --adapter {shlex.quote(str(run))}{codec} "
+            f'--text "Hello there." --output {shlex.quote(str(run))}-hello.wav --max-new-tokens {args.speech_max_new_tokens}'
+        )
 
 
 def higgs_trainer_command() -> str:

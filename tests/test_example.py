@@ -50,15 +50,24 @@ def test_default_run_trains_both_heads_writes_verified_adapters_and_says_how_to_
         )
     out = capsys.readouterr().out
     adapter = tmp_path / "lora_adapters"
+    # Speech at every save, through boson's generation and audio tokenizer, and where it is printed.
+    for directory in (tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path):
+        record = json.loads((directory / "speech" / "speech.json").read_text())
+        assert [s["name"] for s in record["samples"]] == ["prompt0", "prompt1"]
+        assert all(s["error"] is None and (directory / "speech" / s["wav"]).is_file() for s in record["samples"])
+        assert f"  {directory / 'speech'}: prompt0.wav " in out
+    heard = json.loads((tmp_path / "speech" / "speech.json").read_text())["samples"][0]["codes_sha256"]
     assert f"higgs-trainer verify {tmp_path}" in out
     assert f"higgs-trainer merge --base {tmp_path / 'base_model'} --adapter {adapter}" in out
     # The "Next:" commands run as printed from a new shell: another directory, no virtual environment on PATH.
     shell_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(EXAMPLE.parents[1])}
-    for label in ("verify", "merge"):
+    for label in ("verify", "merge", "speak"):
         (line,) = [line for line in out.splitlines() if line.startswith(f"  {label}:")]
         command = line.split(":", 1)[1].strip()
         result = subprocess.run(["bash", "-c", command], cwd="/", env=shell_env, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        if label == "speak":  # the final adapter, greedy: the codes the final save's callback heard for prompt0
+            assert f"codes sha256 {heard}" in result.stdout, result.stdout
     assert (tmp_path.parent / f"{tmp_path.name}-merged" / "config.json").is_file()
 
     # The final adapter on the saved base: both losses finite and lower than the base's on the training data.
