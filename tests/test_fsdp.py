@@ -4,6 +4,8 @@ The model also trains its heads through modules_to_save (HiggsAudioModel's on th
 gathered and saved at full shape like the LoRA tensors.
 """
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -31,6 +33,10 @@ PEFT_SELECTS_BY_MODULE_NAMES = hasattr(tuners_utils, "_get_tuner_state_dict_key_
 @pytest.mark.parametrize("version", ["fsdp2", "fsdp1"])
 def test_fsdp_full_and_sharded_state_dicts_give_the_same_complete_adapter(tmp_path, version):
     torchrun("fsdp_save.py", tmp_path, version)
+    for rank in (0, 1) if version == "fsdp1" else ():  # FSDP1's sharded save: the adapter's parameters moved, alone
+        gather = json.loads((tmp_path / f"gather-rank{rank}.json").read_text())
+        assert gather["unsharded"] == [], gather
+        assert 0 < gather["moved"] <= gather["adapter"] < gather["frozen"], gather
     if version == "fsdp1" and PEFT_SELECTS_BY_MODULE_NAMES:
         # such peft picks adapter keys by module names, which FSDP1 prefixes with `_fsdp_wrapped_module.` while
         # FSDP's state dicts drop it: peft selects no LoRA tensor (only the modules_to_save ones), and the save is

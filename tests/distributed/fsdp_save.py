@@ -9,6 +9,7 @@ embeddings with its text + audio loss on the Higgs stack), which must be gathere
 only the adapter's parameters, as with ``SHARDED_STATE_DICT`` (where ``_save`` is never called).
 """
 
+import json
 import os
 import sys
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType, fully_shard
+from torch.distributed.fsdp._flat_param import FlatParamHandle
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from higgs_trainer import AdapterVerificationError, find_lora_model
@@ -40,7 +42,9 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
-wrapper = make_speech_model(TARGET_MODULES, heads_to_save(tiny_base_model()))
+HEADS = heads_to_save(tiny_base_model())
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast")
+wrapper = make_speech_model(TARGET_MODULES, HEADS)
 layers = [m for m in wrapper.modules() if type(m).__name__.endswith("DecoderLayer")]
 if version == "fsdp2":
     for layer in layers:
@@ -87,10 +91,44 @@ else:
         full = root.state_dict()
 if rank == 0:
     save(component, "full", full)
-# (2) SHARDED_STATE_DICT: only the adapter's parameters are gathered (collective).
-adapter_state = gather_adapter_state_dict(
-    component, is_writer=rank == 0, fsdp_root=root if version == "fsdp1" else None
+# (2) SHARDED_STATE_DICT: only the adapter's parameters are gathered (collective). Measured on every rank: how many
+# FSDP1 flat parameters (whole units) were unsharded, and how many elements went through collectives.
+unsharded, moved = [], []
+real_unshard, real_collectives = FlatParamHandle.unshard, {n: getattr(dist, n) for n in COLLECTIVES}
+
+
+def counting_unshard(handle, *args, **kwargs):
+    unsharded.append(handle.flat_param.numel())
+    return real_unshard(handle, *args, **kwargs)
+
+
+def counting(name):
+    def collective(*args, **kwargs):
+        moved.append(max(a.numel() for a in args if isinstance(a, torch.Tensor)))  # the full (output) tensor
+        return real_collectives[name](*args, **kwargs)
+
+    return collective
+
+
+FlatParamHandle.unshard = counting_unshard
+for name in COLLECTIVES:
+    setattr(dist, name, counting(name))
+try:
+    adapter_state = gather_adapter_state_dict(
+        component, is_writer=rank == 0, fsdp_root=root if version == "fsdp1" else None
+    )
+finally:
+    FlatParamHandle.unshard = real_unshard
+    for name, collective in real_collectives.items():
+        setattr(dist, name, collective)
+frozen = sum(p.numel() for p in tiny_base_model().parameters()) - sum(
+    p.numel() for n, p in tiny_base_model().named_parameters() if any(n.startswith(h + ".") for h in HEADS)
 )
+adapter_numel = sum(
+    p.numel() for n, p in make_speech_model(TARGET_MODULES, HEADS).named_parameters() if p.requires_grad
+)
+with open(os.path.join(output_dir, f"gather-rank{rank}.json"), "w") as handle:
+    json.dump({"unsharded": unsharded, "moved": sum(moved), "adapter": adapter_numel, "frozen": frozen}, handle)
 if rank == 0:
     save(component, "sharded", adapter_state)
 
