@@ -8,11 +8,13 @@ import json
 
 import pytest
 import torch
+from accelerate import FullyShardedDataParallelPlugin
 from peft import PeftModel
 from peft.tuners import tuners_utils
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
+from higgs_trainer.trainer import fsdp_saves_full_state_dict
 from tests.launch import torchrun
 from tests.models import (
     HIGGS_STACK,
@@ -70,3 +72,13 @@ def test_fsdp_full_and_sharded_state_dicts_give_the_same_complete_adapter(tmp_pa
         for name, logits in speech_logits_of(loaded, speech_probe()).items() if compare_speech else ():
             torch.testing.assert_close(logits, trained[name], rtol=1e-5, atol=1e-5, msg=name)  # text and audio
     assert all(torch.equal(adapters["full"][k], adapters["sharded"][k]) for k in adapters["full"])
+
+
+@pytest.mark.parametrize(
+    ("configured", "full"),
+    [("FULL_STATE_DICT", True), ("full_state_dict", True), ("1", True), (None, True)]
+    + [("SHARDED_STATE_DICT", False), ("3", False), ("LOCAL_STATE_DICT", False)],
+)
+def test_the_state_dict_type_is_read_as_the_enum_accelerate_makes_of_it(configured, full):
+    """Trainer hands _save a state dict only under FULL_STATE_DICT; otherwise the mixin gathers the adapter itself."""
+    assert fsdp_saves_full_state_dict(FullyShardedDataParallelPlugin(state_dict_type=configured)) is full
