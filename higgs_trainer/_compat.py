@@ -77,13 +77,13 @@ def from_pretrained_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return kwargs
 
 
-def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> None:
-    """``model.save_pretrained(directory)`` in safetensors.
+def save_pretrained_safetensors(model: Any, directory: str | os.PathLike, max_shard_size: int | None = None) -> None:
+    """``model.save_pretrained(directory)`` in safetensors (shards of at most ``max_shard_size`` bytes if given).
 
     transformers < 5 takes ``safe_serialization`` (True by default since 4.35, passed to be sure);
     5.x writes only safetensors and removed the argument.
     """
-    kwargs = {}
+    kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(directory), **kwargs)
@@ -219,3 +219,43 @@ def load_optimizer_and_scheduler_on_cpu(trainer: Any, checkpoint: str) -> bool:
         trainer.lr_scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
     reissue_pt_warnings(caught)
     return True
+
+
+def reregister_fsdp1_original_parameters(model: torch.nn.Module) -> int:
+    """Register again, as parameters, the original parameters an FSDP1 ``NO_SHARD`` unit left as plain tensors.
+
+    FSDP1 with one process (it switches ``FULL_SHARD`` to ``NO_SHARD``), ``use_orig_params=True`` and
+    a unit whose parameters are all frozen (the root of a LoRA fine-tune of a wrapper: embeddings,
+    norm and heads): the forward pass swaps that unit's original parameters for plain tensors, and
+    since no gradient reaches them, nothing after the backward pass registers them back (the next
+    forward's write-back even keeps the tensors as "changed" parameters).
+    ``state_dict()`` then misses them and FSDP's own post-state-dict hook raises "FSDP assumes
+    model.base_model.model.embed_tokens.weight is in the state_dict" inside ``Trainer.save_model``.
+    Seen with torch 2.11 on CUDA (transformers 4.46.3, accelerate 1.9.0) and torch 2.13 on CPU;
+    several processes are not affected (the catch-all reshard registers them back). Only touches
+    ``NO_SHARD`` handles whose parameters are missing; returns how many units it fixed. Can go once
+    accelerate no longer uses FSDP1 (FSDP2 has no flat parameters) or torch registers them back itself.
+
+    Examples:
+        ```python
+        reregister_fsdp1_original_parameters(trainer.model_wrapped)  # before a state_dict() of the FSDP model
+        ```
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fixed = 0
+    for unit in model.modules():
+        handle = getattr(unit, "_handle", None) if isinstance(unit, FullyShardedDataParallel) else None
+        if handle is None or not handle._use_orig_params or handle.uses_sharded_strategy:
+            continue
+        flat_param = handle.flat_param
+        if all(info.param_name in info.module._parameters for info in flat_param._param_infos):
+            continue
+        # The next forward's write-back took the plain tensors for user-changed parameters and keeps them in
+        # `_params`: make them parameters again (same storage, same requires_grad), then register them.
+        for i, param in enumerate(flat_param._params):
+            if not isinstance(param, torch.nn.Parameter):
+                flat_param._params[i] = torch.nn.Parameter(param, requires_grad=param.requires_grad)
+        handle._use_unsharded_views(as_params=True)
+        fixed += 1
+    return fixed

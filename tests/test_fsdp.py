@@ -14,7 +14,7 @@ from peft.tuners import tuners_utils
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
-from higgs_trainer.trainer import fsdp_saves_full_state_dict
+from higgs_trainer.training.trainer import fsdp_saves_full_state_dict
 from tests.launch import torchrun
 from tests.models import (
     HIGGS_STACK,
@@ -72,6 +72,17 @@ def test_fsdp_full_and_sharded_state_dicts_give_the_same_complete_adapter(tmp_pa
         for name, logits in speech_logits_of(loaded, speech_probe()).items() if compare_speech else ():
             torch.testing.assert_close(logits, trained[name], rtol=1e-5, atol=1e-5, msg=name)  # text and audio
     assert all(torch.equal(adapters["full"][k], adapters["sharded"][k]) for k in adapters["full"])
+
+
+def test_one_process_fsdp1_state_dict_holds_the_frozen_root_parameters_after_training(tmp_path):
+    # FSDP1 NO_SHARD leaves the frozen root's parameters as plain tensors after a backward pass; Trainer.save_model
+    # then fails inside FSDP (seen on an H200 with the Higgs stack). The shim registers them again, every step.
+    torchrun("fsdp_one_process.py", tmp_path, nproc=1)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for step in (0, 1):
+        assert "embed_tokens.weight is in the state_dict" in result[f"unfixed_{step}"], result
+        assert result[f"fixed_units_{step}"] == 1, result
+        assert result[f"keys_{step}"] and result[f"frozen_still_frozen_{step}"], result
 
 
 @pytest.mark.parametrize(
