@@ -97,22 +97,23 @@ def _shard_of(unit: torch.nn.Module, param: torch.Tensor, info: Any, shape: torc
     return full.view(shape)
 
 
-def _gather_fsdp1(component: LoraComponent, units: list[torch.nn.Module], is_writer: bool) -> dict[str, torch.Tensor]:
+def _gather_fsdp1(
+    component: LoraComponent, fsdp_root: torch.nn.Module, units: list[torch.nn.Module], is_writer: bool
+) -> dict[str, torch.Tensor]:
     """The adapter's parameters of an FSDP1 model, each gathered alone (never a whole unit, never the whole model).
 
     ``FullyShardedDataParallel.summon_full_params`` on the root would unshard every frozen base weight
     on every rank, as large as the model, to copy a few MB of adapter. With ``use_orig_params=True``
     (what accelerate and PEFT use) the original parameters are known to the flat parameter, and each
     adapter parameter is assembled from the ranks' pieces (`_shard_of`). A unit without original
-    parameters (``use_orig_params=False``, PEFT's ``fsdp_auto_wrap_policy`` gives the LoRA layers
-    units of their own) is unsharded alone (``recurse=False``), and only if it holds adapter weights.
+    parameters (``use_orig_params=False``, where PEFT's ``fsdp_auto_wrap_policy`` gives the trainable
+    layers units of their own) is unsharded alone (``recurse=False``), and only if it holds adapter weights.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     prefix = component.path + "." if component.path else ""
-    params = dict(adapter_parameters(component.model))
-    names = {id(param): name for name, param in params.items()}
-    module_names = {id(module): name for name, module in component.model.named_modules()}
+    names = {id(param): name for name, param in adapter_parameters(component.model)}
+    unit_names = {id(module): name for name, module in fsdp_root.named_modules()}  # the root wraps the whole model
     gathered: dict[str, torch.Tensor] = {}
     for unit in units:
         flat = unit._handle.flat_param
@@ -123,15 +124,20 @@ def _gather_fsdp1(component: LoraComponent, units: list[torch.nn.Module], is_wri
                     if is_writer:
                         gathered[prefix + canonical_name(names[id(param)])] = full.detach().to("cpu", copy=True)
             continue
-        if id(unit) not in module_names or not any(_is_adapter_name(fqn) for fqn in flat._fqns):
+        unit_name = unit_names[id(unit)]
+        wanted = {
+            fqn: canonical_name(f"{unit_name}.{fqn}" if unit_name else fqn)
+            for fqn in flat._fqns
+            if flat.requires_grad or _is_adapter_name(fqn)
+        }
+        wanted = {fqn: name for fqn, name in wanted.items() if name.startswith(prefix)}
+        if not wanted:
             continue
         on_gpu = flat.is_cuda  # offload_to_cpu keeps the gathered copies out of GPU memory
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, offload_to_cpu=on_gpu):
-            for fqn in flat._fqns:
-                if is_writer and _is_adapter_name(fqn):
-                    tensor = unit.module.get_parameter(fqn)
-                    name = f"{module_names[id(unit)]}.{fqn}" if module_names[id(unit)] else fqn
-                    gathered[prefix + canonical_name(name)] = tensor.detach().to("cpu", copy=True)
+            if is_writer:
+                for fqn, name in wanted.items():
+                    gathered[name] = unit.module.get_parameter(fqn).detach().to("cpu", copy=True)
     return gathered
 
 
@@ -160,7 +166,7 @@ def gather_adapter_state_dict(
     """
     units = _fsdp1_units(fsdp_root)
     if units:
-        gathered = _gather_fsdp1(component, units, is_writer)
+        gathered = _gather_fsdp1(component, fsdp_root, units, is_writer)
     else:
         prefix = component.path + "." if component.path else ""
         params = adapter_parameters(component.model)
