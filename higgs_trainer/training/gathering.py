@@ -89,7 +89,8 @@ def _shard_of(unit: torch.nn.Module, param: torch.Tensor, info: Any, shape: torc
     flat = handle.flat_param
     if not handle.uses_sharded_strategy:  # NO_SHARD: every rank has the whole flat parameter, and param views it
         return param.detach().reshape(shape)
-    full = torch.zeros(shape.numel(), dtype=flat.dtype, device=flat.device)
+    # On the device FSDP runs its own collectives on (a GPU under NCCL even when the shard is offloaded to the CPU).
+    full = torch.zeros(shape.numel(), dtype=flat.dtype, device=getattr(unit, "compute_device", flat.device))
     if info.in_shard:
         local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
         full[info.intra_param_start_idx : info.intra_param_end_idx + 1] = local
