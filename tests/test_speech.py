@@ -23,7 +23,9 @@ from higgs_trainer.errors import LoraModelNotFoundError, MissingExtraError, Usag
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK
 
-pytestmark = pytest.mark.skipif(HIGGS_STACK, reason="HiggsAudioV2ForConditionalGeneration ships with transformers 5.x")
+newest_stack = pytest.mark.skipif(
+    HIGGS_STACK, reason="HiggsAudioV2ForConditionalGeneration ships with transformers 5.x"
+)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "speak_with_adapter.py"
 MAX_NEW = 12  # generation steps per sample: enough for a few frames, fast
@@ -88,6 +90,7 @@ def trained_run(tmp_path_factory):
     return out, callback
 
 
+@newest_stack
 def test_samples_are_written_into_every_checkpoint_and_the_final_save(trained_run):
     import soundfile
 
@@ -110,6 +113,7 @@ def test_samples_are_written_into_every_checkpoint_and_the_final_save(trained_ru
     assert callback.failed == [] and callback.seconds_spent > 0
 
 
+@newest_stack
 def test_nothing_is_written_into_an_incomplete_checkpoint(trained_run, caplog):
     out, callback = trained_run
     torn = out / "checkpoint-7"
@@ -122,6 +126,7 @@ def test_nothing_is_written_into_an_incomplete_checkpoint(trained_run, caplog):
     )
 
 
+@newest_stack
 def test_samples_are_skipped_with_one_warning_under_zero3_and_fsdp(tmp_path, caplog):
     from higgs_trainer.speech.callback import _sharded
 
@@ -142,6 +147,7 @@ def test_samples_are_skipped_with_one_warning_under_zero3_and_fsdp(tmp_path, cap
     assert callback.sample_into(tmp_path, global_step=1, require_checkpoint=False) is None
 
 
+@newest_stack
 def test_tensorboard_gets_the_audio_and_spectrogram_at_each_save(trained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -154,6 +160,7 @@ def test_tensorboard_gets_the_audio_and_spectrogram_at_each_save(trained_run):
     assert [e.step for e in events.Images("speech/high_mel")] == [1, 2]
 
 
+@newest_stack
 def test_speak_on_a_checkpoint_gives_the_codes_its_callback_heard(trained_run, capsys, tmp_path):
     out, _ = trained_run
     heard = json.loads((out / "checkpoint-1" / "speech" / "speech.json").read_text())["samples"][0]
@@ -175,6 +182,7 @@ def test_speak_on_a_checkpoint_gives_the_codes_its_callback_heard(trained_run, c
     assert code == 0 and final["codes_sha256"] in stdout, err
 
 
+@newest_stack
 def test_speak_errors_are_one_line(trained_run, capsys, tmp_path):
     out, _ = trained_run
     code, _, err = run_cli(capsys, "speak", "--base", out / "checkpoint-1" / "lora_adapters", "--adapter", out,
@@ -187,6 +195,7 @@ def test_speak_errors_are_one_line(trained_run, capsys, tmp_path):
     assert_one_line_error(err, "must name a .wav file")
 
 
+@newest_stack
 def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
     from tests.launch import torchrun
 
@@ -199,6 +208,7 @@ def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
         assert (tmp_path / checkpoint / "speech" / "high.wav").is_file()
 
 
+@newest_stack
 def test_sampling_does_not_disturb_training(tmp_path):
     """Sampled (with do_sample=True, dropout on) or not, the trained adapter is the same: RNG and train modes restored."""
     from safetensors.torch import load_file
@@ -246,6 +256,7 @@ class ScriptedAudio(transformers.InfNanRemoveLogitsProcessor):
         return forced
 
 
+@newest_stack
 def test_degenerate_speech_is_flagged_from_real_generations(tmp_path, caplog):
     from higgs_trainer.speech import SpeechPrompt
 
@@ -265,6 +276,7 @@ def test_degenerate_speech_is_flagged_from_real_generations(tmp_path, caplog):
     assert (tmp_path / "checkpoint-1/speech/collapse.wav").is_file()
 
 
+@newest_stack
 def test_silence_from_a_codec_that_outputs_nothing_is_flagged(tmp_path, caplog):
     codec = ex.tiny_codec()
     with torch.no_grad():
@@ -280,6 +292,7 @@ def test_silence_from_a_codec_that_outputs_nothing_is_flagged(tmp_path, caplog):
     assert any("'high' at checkpoint-1 is degenerate (silence)" in r.getMessage() for r in caplog.records)
 
 
+@newest_stack
 def test_a_failing_sample_is_recorded_and_training_goes_on(tmp_path, caplog):
     from higgs_trainer.speech import SpeechPrompt
 
@@ -300,6 +313,7 @@ def test_a_failing_sample_is_recorded_and_training_goes_on(tmp_path, caplog):
     assert any(m.startswith("2 speech sample(s) failed during training") for m in errors)
 
 
+@newest_stack
 def test_bad_input_is_caught_when_the_trainer_is_constructed(tmp_path):
     from higgs_trainer.speech import SpeechSamplesCallback
 
@@ -360,6 +374,7 @@ def test_the_library_imports_without_the_speech_extra():
     assert result.returncode == 0 and result.stdout.strip().endswith("imported"), result.stderr
 
 
+@newest_stack
 def test_the_demo_prints_where_the_samples_of_every_save_are(tmp_path, capsys):
     assert ex.main(["--output-dir", str(tmp_path), "--max-steps", "2", "--max-new-tokens", str(MAX_NEW)]) == 0
     out = capsys.readouterr().out
