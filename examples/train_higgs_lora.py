@@ -513,7 +513,7 @@ def report(args: argparse.Namespace) -> None:
                 for s in samples
             )
             print(f"  {directory}: {listed}")
-        print("  (a random tiny model's speech is flagged: see docs/listening.md)")
+        print("  (the tiny model is random and trains on random codes: noise, a frame or two, or none; flags in [])")
     # Full paths, so that the commands run as printed from a new shell (any directory, this environment not active).
     run, base = out.resolve(), Path(args.model_path or out / "base_model").resolve()
     command, adapter = higgs_trainer_command(), run / "lora_adapters"
