@@ -209,6 +209,34 @@ def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
 
 
 @newest_stack
+def test_a_processor_with_a_chat_template_prompts_through_it(tmp_path):
+    """With a chat template (as real checkpoints' processors have), prompts and reference clips go through it."""
+    import soundfile
+
+    from higgs_trainer.speech import SpeechPrompt, TransformersSpeechBackend
+
+    processor = ex.tiny_processor()
+    model = get_peft_model(ex_base().eval(), LoraConfig(r=2, target_modules=["q_proj"]))
+    soundfile.write(tmp_path / "ref.wav", ex.tone("low"), 16000)  # another rate: resampled to the codec's
+    prompts = [SpeechPrompt("a", "say a high tone"), SpeechPrompt("b", "say a high tone", str(tmp_path / "ref.wav"), "say a low tone")]  # fmt: skip
+
+    def codes():
+        backend = TransformersSpeechBackend(processor)
+        return [backend.generate(model, p, max_new_tokens=8, generation_kwargs={}).codes for p in prompts]
+
+    plain = codes()
+    processor.chat_template = (  # renders the same text as the plain prompt
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% else %}"
+        "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|> {% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %}<|audio_out_bos|>{% endif %}"
+    )
+    chat = codes()
+    assert all(c.shape[1] > 0 for c in chat)
+    assert [torch.equal(a, b) for a, b in zip(plain, chat, strict=True)] == [True, True]
+    assert not torch.equal(chat[0], chat[1])  # the reference clip is in the prompt
+
+
+@newest_stack
 def test_sampling_does_not_disturb_training(tmp_path):
     """Sampled (with do_sample=True, dropout on) or not, the trained adapter is the same: RNG and train modes restored."""
     from safetensors.torch import load_file

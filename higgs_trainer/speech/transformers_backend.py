@@ -72,9 +72,8 @@ class TransformersSpeechBackend:
                 conversation.append({"role": "assistant", "content": [{"type": "audio", "audio": audio[0]}]})
             conversation.append({"role": "user", "content": [{"type": "text", "text": prompt.text}]})
             inputs = processor.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                sampling_rate=self.sample_rate,
-            )  # fmt: skip
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
         else:
             bos, out, eos = processor.audio_bos_token, processor.audio_token, processor.audio_eos_token
             text = f"{prompt.text} {bos}"
