@@ -118,7 +118,7 @@ class MissingExtraError(HiggsTrainerError, ImportError):
     """An optional part was used without its extra installed; the message names the ``pip install`` that fixes it.
 
     Examples:
-        >>> raise MissingExtraError("speech samples need soundfile: pip install \"higgs-trainer[speech]\"")
+        >>> raise MissingExtraError('speech samples need soundfile: pip install "higgs-trainer[speech]"')
         Traceback (most recent call last):
         higgs_trainer.errors.MissingExtraError: speech samples need soundfile: pip install "higgs-trainer[speech]"
     """
