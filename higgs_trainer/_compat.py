@@ -24,6 +24,31 @@ from .errors import HiggsTrainerError
 
 _TRANSFORMERS = Version(transformers.__version__)
 
+# The peft releases whose PeftModel.save_pretrained writes what saving._save_adapter_files writes (checked file by file
+# on peft 0.16.0, the Higgs stack, and 0.21.2, the newest; tests/test_adapter_save_files.py compares the two on each).
+_PEFT_SAVE_MIRRORED = (Version("0.16.0"), Version("0.22.0"))
+
+
+def peft_save_is_mirrored(peft_version: str | None = None) -> bool:
+    """True when the installed peft (or ``peft_version``) is one whose ``save_pretrained`` our copy mirrors (0.16 to 0.21).
+
+    ``saving._save_adapter_files`` writes what ``PeftModel.save_pretrained`` writes, from a state dict
+    already built and without rendering a model card (half of a checkpoint's adapter save on peft
+    0.16). Outside the releases it was checked against, peft's own ``save_pretrained`` is used. Can go
+    (with the copy) once peft's ``save_pretrained`` accepts a built adapter state dict and skips
+    the model card, or when the slower save is acceptable.
+
+    Examples:
+        >>> peft_save_is_mirrored("0.16.0"), peft_save_is_mirrored("0.21.2"), peft_save_is_mirrored("0.22.0")
+        (True, True, False)
+    """
+    if peft_version is None:
+        import peft
+
+        peft_version = peft.__version__
+    low, high = _PEFT_SAVE_MIRRORED
+    return low <= Version(Version(peft_version).base_version) < high
+
 
 def rng_state_safe_globals() -> contextlib.AbstractContextManager[Any]:
     """Allow-list the numpy globals that ``rng_state.pth`` pickles, for ``torch.load(weights_only=True)``.

@@ -9,8 +9,10 @@ import json
 import pytest
 
 from higgs_trainer import find_lora_model
+from higgs_trainer._compat import peft_save_is_mirrored
+from higgs_trainer.training import saving
 from higgs_trainer.training.saving import write_lora_adapters
-from tests.models import make_model
+from tests.models import lora_config, make_model, trained_like
 
 
 @pytest.mark.parametrize("layout", ["model", "top"])
@@ -26,3 +28,35 @@ def test_adapter_files_are_peft_save_pretrained_ones_less_the_model_card(tmp_pat
         (peft / "adapter_config.json").read_text()
     )
     assert component.model.peft_config["default"].inference_mode is False  # restored after the save
+
+
+def test_the_copy_is_used_only_for_the_peft_releases_it_mirrors():
+    import peft
+
+    assert peft_save_is_mirrored()  # both pinned stacks (peft 0.16.0 and 0.21.x) are in the checked range
+    assert peft_save_is_mirrored(peft.__version__)
+    assert [peft_save_is_mirrored(v) for v in ("0.15.2", "0.16.0", "0.21.9", "0.22.0.dev0", "0.22.0", "1.0.0")] == [
+        False, True, True, False, False, False,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_outside_that_range_peft_own_save_pretrained_writes_the_same_files(tmp_path, monkeypatch, adapters):
+    """The fallback branch (a peft release the copy was not checked against) writes what the copy writes."""
+    model = trained_like(make_model())
+    component = find_lora_model(model)
+    if adapters == 2:
+        component.model.add_adapter("other", lora_config())
+    write_lora_adapters(component, tmp_path / "copy")
+    monkeypatch.setattr(saving, "peft_save_is_mirrored", lambda: False)
+    write_lora_adapters(component, tmp_path / "peft")
+    monkeypatch.undo()
+    copy, peft = tmp_path / "copy" / "lora_adapters", tmp_path / "peft" / "lora_adapters"
+    files = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    assert files == sorted(str(p.relative_to(peft)) for p in peft.rglob("*"))  # no README.md either
+    assert ("other/adapter_model.safetensors" in files) == (adapters == 2)
+    for name in files:
+        if name.endswith(".safetensors"):
+            assert (copy / name).read_bytes() == (peft / name).read_bytes(), name
+        elif name.endswith(".json"):
+            assert json.loads((copy / name).read_text()) == json.loads((peft / name).read_text()), name

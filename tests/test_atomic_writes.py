@@ -3,6 +3,9 @@ between its two renames, and a target that is a link or a file. Real peft, Train
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,61 @@ def test_convert_on_a_full_disk_names_the_output(tmp_path, capsys):
         assert code == 1
         assert_one_line_error(err, f"writing {full / 'hf'} failed: [Errno 28] No space left on device")
         assert list(full.iterdir()) == []
+
+
+# Concurrent writers: two real processes write the same target; the second must not delete the first's staging.
+
+WRITER = """
+import pathlib, sys, time
+from higgs_trainer.files.atomic import staged_directory
+
+target, name, ready, go = map(pathlib.Path, sys.argv[1:5])
+try:
+    with staged_directory(target) as staging:
+        (staging / "writer").write_text(name.name)
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.01)
+except OSError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def start_writer(tmp_path, name):
+    flags = [tmp_path / f"{name}.ready", tmp_path / f"{name}.go"]
+    argv = [sys.executable, "-c", WRITER, tmp_path / "out" / "merged", name, *flags]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env), flags
+
+
+def wait_for(path, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.02)
+
+
+def test_a_second_writer_of_the_same_output_fails_clearly_and_the_first_completes(tmp_path):
+    first, (first_ready, first_go) = start_writer(tmp_path, "first")
+    wait_for(first_ready, first)  # the first writer is mid-write: its staging directory exists
+    second, (_, second_go) = start_writer(tmp_path, "second")
+    second_go.touch()
+    output = second.communicate(timeout=120)[0]
+    assert second.returncode == 3, output
+    assert f"another process (pid {first.pid}) is writing {tmp_path / 'out' / 'merged'}" in output, output
+    first_go.touch()
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, output  # never "No such file or directory": its staging was left alone
+    assert (tmp_path / "out" / "merged" / "writer").read_text() == "first"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merged"]  # no staging, no lock left
+
+
+def test_a_writer_killed_mid_write_leaves_no_lock(tmp_path):
+    first, (first_ready, _) = start_writer(tmp_path, "first")
+    wait_for(first_ready, first)
+    first.kill()  # the kernel drops its lock; the next writer cleans the staging residue up
+    first.communicate(timeout=60)
+    with staged_directory(tmp_path / "out" / "merged") as staging:
+        (staging / "writer").write_text("next")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merged"]

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
+from higgs_trainer.merge.base_model import empty_base_model
 from higgs_trainer.training.saving import write_lora_adapters
 from tests.cli import run_cli
-from tests.models import make_model, trained_like
+from tests.models import heads_to_save, make_model, make_speech_model, tiny_base_model, trained_like
 from tests.payloads import MaliciousPickle
 
 CONFIG = "adapter_config.json"
@@ -197,3 +198,93 @@ def test_the_malicious_pickle_is_live(tmp_path):
     torch.save({"x": MaliciousPickle(marker)}, path)
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+# modules_to_save heads, checked the way LoRA pairs are (tests.models.heads_to_save: three heads on both stacks)
+HEADS = heads_to_save(tiny_base_model())
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("base")
+    tiny_base_model().save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture
+def heads_adapter(tmp_path):
+    """A sound adapter whose config lists three trained heads in modules_to_save, all saved."""
+    model = trained_like(make_speech_model(["q_proj", "v_proj"], HEADS))
+    write_lora_adapters(find_lora_model(model), tmp_path)
+    return tmp_path / "lora_adapters"
+
+
+def head_key(tensors, head):
+    return next(k for k in sorted(tensors) if k.startswith(f"base_model.model.{head}.") and ".lora_" not in k)
+
+
+def drop_head(head):
+    return lambda tensors: {k: v for k, v in tensors.items() if not k.startswith(f"base_model.model.{head}.")}
+
+
+def integer_head(tensors):
+    key = head_key(tensors, HEADS[0])
+    return dict(tensors, **{key: (tensors[key] * 100).to(torch.int32)})
+
+
+# name: (damage, texts without --base, texts with --base)
+HEAD_DAMAGE = {
+    "head-integer": (
+        lambda a: rewrite_tensors(a, integer_head),
+        ["are not floating point", HEADS[0]],
+        ["are not floating point", "int32 vs float32"],
+    ),
+    "listed-head-missing": (
+        lambda a: rewrite_tensors(a, drop_head(HEADS[0])),
+        [f"lists modules_to_save ['{HEADS[0]}'] but the file holds no tensor of them"],
+        ["whose weights the file lacks", HEADS[0]],
+    ),
+    "config-lists-1-of-3-heads": (
+        lambda a: rewrite_config(a, modules_to_save=HEADS[:1]),
+        ["2 full weight(s) in the file belong to no module of the config's modules_to_save", HEADS[1], HEADS[2]],
+        ["2 full weight(s) in the file belong to no module of the config's modules_to_save"],
+    ),
+}
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["alone", "with-base"])
+@pytest.mark.parametrize("through", ["api", "cli"])
+@pytest.mark.parametrize("damage", sorted(HEAD_DAMAGE))
+def test_a_damaged_modules_to_save_head_is_reported(heads_adapter, base_dir, capsys, damage, through, base):
+    damage_adapter, texts, base_texts = HEAD_DAMAGE[damage]
+    damage_adapter(heads_adapter)
+    if not base and through == "api":
+        assert_api_reports(heads_adapter, texts)
+        return
+    if not base:
+        assert_cli_reports(capsys, heads_adapter, texts)
+        return
+    if through == "api":
+        summary = inspect_adapter(heads_adapter, base_model=empty_base_model(base_dir))
+        report = "; ".join(summary.problems)
+    else:
+        code, report, err = run_cli(capsys, "verify", heads_adapter, "--base", base_dir)
+        assert code == 1, report + err
+    assert all(text in report for text in base_texts), report
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["alone", "with-base"])
+def test_the_undamaged_heads_adapter_passes(heads_adapter, base_dir, capsys, base):
+    code, out, err = run_cli(capsys, "verify", heads_adapter, *(["--base", base_dir] if base else []))
+    assert code == 0, out + err
+    assert f"modules_to_save {', '.join(sorted(HEADS))}" in out
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "in-memory"])
+def test_merge_refuses_a_config_listing_1_of_3_saved_heads(heads_adapter, base_dir, tmp_path, capsys, streaming):
+    """verify and both merges agree: the streaming merge used to write all three heads while reporting one."""
+    rewrite_config(heads_adapter, modules_to_save=HEADS[:1])
+    argv = ["merge", "--base", base_dir, "--adapter", heads_adapter, "--output", tmp_path / "merged"]
+    code, out, err = run_cli(capsys, *argv, *([] if streaming else ["--in-memory"]))
+    assert code == 1 and "belong to no module of the config's modules_to_save" in err, out + err
+    assert not (tmp_path / "merged").exists()

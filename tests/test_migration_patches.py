@@ -1,11 +1,18 @@
 """docs/migration/*.diff: well-formed unified diffs that `git apply` takes against the named speech_synth commit.
 
-The community scripts themselves are not part of this repository, so applying the patches is checked by hand
-(`git apply --check`, docs/migration.md); here each patch is parsed as git does: file headers, and hunks whose line
-counts match their `@@ -a,b +c,d @@` headers, in order, with no `...` placeholder line.
+Each patch is parsed as git does: file headers, and hunks whose line counts match their `@@ -a,b +c,d @@`
+headers, in order, with no `...` placeholder line; and the changes the docs promise are in the patches (a
+`--resume_from_checkpoint` option passed to `trainer.train`, no extra `on_step_end` call in `train_v2_ddp.py`).
+The community scripts are not part of this repository (they carry no license): with
+`HIGGS_TRAINER_SPEECH_SYNTH` set to a clone of codeman911/speech_synth (a checkout or a bare repository holding
+the commit), the patches are also applied to the scripts of that commit with `git apply` and the patched scripts
+are read back.
 """
 
+import ast
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +95,79 @@ def test_every_script_has_its_patch_and_the_guide_names_the_commit():
     assert COMMIT in guide
     for name in SCRIPTS:
         assert f"migration/{name}" in guide
+
+
+RESUMABLE = ["trainer.diff", "trainer_ddp.diff", "train_v2_ddp.diff"]  # trainer.train() had no resume option
+
+
+def changed_lines(patch_name):
+    """(added, removed) code lines of a patch, without their +/- marks."""
+    ((hunks,),) = [parse((DOCS / "migration" / patch_name).read_text()).values()]
+    body = [line for *_, lines in hunks for line in lines]
+    return [line[1:] for line in body if line[:1] == "+"], [line[1:] for line in body if line[:1] == "-"]
+
+
+@pytest.mark.parametrize("patch_name", RESUMABLE)
+def test_the_patch_adds_a_resume_option_that_reaches_trainer_train(patch_name):
+    added, _ = changed_lines(patch_name)
+    assert any('add_argument("--resume_from_checkpoint"' in line for line in added), added
+    assert any("trainer.train(resume_from_checkpoint=" in line for line in added), added
+
+
+def test_the_train_v2_ddp_patch_removes_the_extra_on_step_end_call():
+    added, removed = changed_lines("train_v2_ddp.diff")
+    assert any('call_event("on_step_end"' in line for line in removed)
+    assert not any("call_event(" in line for line in added), added
+
+
+def speech_synth() -> Path:
+    """The speech_synth clone named by HIGGS_TRAINER_SPEECH_SYNTH (skip when it is not set)."""
+    source = os.environ.get("HIGGS_TRAINER_SPEECH_SYNTH")
+    if not source:
+        pytest.skip("HIGGS_TRAINER_SPEECH_SYNTH is not set (a clone of codeman911/speech_synth)")
+    return Path(source)
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def patched_scripts(tmp_path_factory):
+    """The three scripts of COMMIT, patched with `git apply` in a fresh repository: {patch name: source text}."""
+    clone, work = speech_synth(), tmp_path_factory.mktemp("speech_synth")
+    git("init", "-q", ".", cwd=work)
+    for path in SCRIPTS.values():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(git("show", f"{COMMIT}:{path}", cwd=clone))
+    for patch in PATCHES:
+        git("apply", "--check", str(patch), cwd=work)  # raises with git's message if a hunk does not apply
+        git("apply", str(patch), cwd=work)
+    return {name: (work / path).read_text() for name, path in SCRIPTS.items()}
+
+
+def calls(source, name):
+    """The calls of ``name`` (an attribute or function name) in a script."""
+    return [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == name
+    ]
+
+
+@pytest.mark.parametrize("patch_name", RESUMABLE)
+def test_the_patched_script_has_the_resume_option_and_passes_it_to_train(patched_scripts, patch_name):
+    source = patched_scripts[patch_name]
+    options = [
+        c for c in calls(source, "add_argument") if c.args and ast.literal_eval(c.args[0]) == "--resume_from_checkpoint"
+    ]
+    assert len(options) == 1
+    (train,) = [c for c in calls(source, "train") if ast.unparse(c.func) == "trainer.train"]
+    assert [k.arg for k in train.keywords] == ["resume_from_checkpoint"]
+
+
+def test_the_patched_train_v2_ddp_fires_no_on_step_end_event_of_its_own(patched_scripts):
+    original = git("show", f"{COMMIT}:{SCRIPTS['train_v2_ddp.diff']}", cwd=speech_synth())
+    assert len(calls(original, "call_event")) == 1  # the extra call the patch removes
+    assert calls(patched_scripts["train_v2_ddp.diff"], "call_event") == []
+    assert all(ast.parse(text) for text in patched_scripts.values())  # every patched script is valid Python

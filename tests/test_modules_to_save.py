@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from higgs_trainer import HiggsLoraTrainer, find_lora_model, verify_adapter
+from higgs_trainer import AdapterVerificationError, HiggsLoraTrainer, find_lora_model, verify_adapter
 from higgs_trainer.merge.base_model import model_init_kwargs
 from higgs_trainer.training.saving import clone_shared_tensors, expected_adapter_shapes
 from tests.cli import run_cli
@@ -313,3 +313,20 @@ def test_extract_of_a_run_that_never_trained_warns(tmp_path, capsys):
     )
     assert code == 0 and "untrained" in err, err
     assert run_cli(capsys, "verify", tmp_path / "x")[0] == 1
+
+
+def test_resume_from_an_adapter_only_checkpoint_that_lacks_a_head_names_it(tmp_path):
+    """peft's own load raises a raw KeyError for the missing head; the resume names the checkpoint and the tensor."""
+    targets, modules_to_save = KINDS["heads"]
+    source = tmp_path / "adapter-only"
+    speech_trainer(make_speech_model(targets, modules_to_save), source, adapter_only=True, max_steps=2).train()
+    weights = source / "checkpoint-2" / "lora_adapters" / WEIGHTS
+    tensors = load_file(str(weights))
+    dropped = head_keys(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+    trainer = speech_trainer(make_speech_model(targets, modules_to_save), tmp_path / "resumed", adapter_only=True)
+    with pytest.raises(AdapterVerificationError) as info:
+        trainer.train(resume_from_checkpoint=str(source / "checkpoint-2"))
+    message = str(info.value)
+    assert str(source / "checkpoint-2") in message and dropped in message, message
+    assert len(message.splitlines()) == 1

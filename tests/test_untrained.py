@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, merge_adapter
 from higgs_trainer.errors import AdapterVerificationError
-from higgs_trainer.verification.untrained import starts_from_zero, untrained_problem
+from higgs_trainer.verification.untrained import lora_init, starts_from_zero, untrained_problem
 from tests.cli import run_cli
 from tests.models import RandomTokens, Wrapper, lora_config, make_model, tiny_base_model, training_args
 
@@ -224,3 +224,35 @@ def test_an_adapter_loaded_for_inference_is_refused_before_training_and_says_how
     trainer = HiggsLoraTrainer(model=model, args=training_args(tmp_path), train_dataset=RandomTokens())
     with pytest.raises(HiggsTrainerError, match="is_trainable=True"):
         trainer.train()
+
+
+def test_the_untrained_message_names_the_embedding_matrices_it_counts(tmp_path):
+    """peft zeroes lora_embedding_A (not B) of an embedding layer: the message counts each part under its own name."""
+    config = LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=True)
+    get_peft_model(tiny_base_model(), config).save_pretrained(str(tmp_path), save_embedding_layers=False)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    lora_b = sum(".lora_B." in k for k in tensors)
+    problem = untrained_problem(json.loads((tmp_path / "adapter_config.json").read_text()), tensors)
+    assert problem.startswith(f"untrained: all {lora_b} lora_B and 1 lora_embedding_A tensor(s) are still zero"), (
+        problem
+    )
+
+
+@pytest.mark.parametrize("init", ["gaussian", "Gaussian", "GAUSSIAN", "PiSSA"])
+def test_init_lora_weights_is_read_the_same_by_verify_and_the_streaming_merge(base_dir, tmp_path, capsys, init):
+    """peft lowercases "Gaussian"; verify judged it as gaussian while the streaming merge refused it."""
+    assert lora_init({"init_lora_weights": init}) == init.lower()
+    adapter = tmp_path / "adapter"
+    get_peft_model(tiny_base_model(), lora_config()).save_pretrained(str(adapter), save_embedding_layers=False)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, init_lora_weights=init)))
+    zero_start = init.lower() == "gaussian"
+    assert starts_from_zero({"init_lora_weights": init}) is zero_start
+    code, out, _ = run_cli(capsys, "verify", adapter)
+    assert (code == 1 and "untrained" in out) if zero_start else code == 0, out
+    code, out, err = run_cli(capsys, "merge", "--base", base_dir, "--adapter", adapter, "-o", tmp_path / "m",
+                             "--allow-untrained")  # fmt: skip
+    if zero_start:
+        assert code == 0, err  # streamed, as for "gaussian"
+    else:  # PiSSA changes the base weights: the streaming merge refuses it, whatever its casing
+        assert code == 1 and "does not reproduce" in err and "init_lora_weights='pissa'" in err, err

@@ -4,11 +4,16 @@ A failed or interrupted write leaves the previous target as it was; a completed 
 no staging residue (earlier interrupted writes' residue is removed too). A write killed
 between its two renames leaves the previous target moved aside (``.<name>.old-*``):
 `find_directory` finds it there for every reader, and the next write moves it back.
+One writer at a time per target: a second process writing the same target while the first
+is still at it fails at once with a clear error (`writer_lock`), and never touches the first
+one's staging directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -122,7 +127,7 @@ def replace_directory(source: Path, target: Path) -> None:
 
 
 def remove_residue(target: Path) -> None:
-    """Clean up beside ``target`` after interrupted writes.
+    """Clean up beside ``target`` after interrupted writes (call it holding `writer_lock`, as `staged_directory` does).
 
     A previous ``target`` moved aside by a write that died between its two renames
     (``.<name>.old-*`` with no ``target``) is moved back; other leftovers are deleted.
@@ -149,6 +154,57 @@ def as_os_error(exc: SafetensorError) -> OSError:
         errno = int(code.group(1) or code.group(2))
         return OSError(errno, os.strerror(errno))
     return OSError(f"safetensors could not write: {' '.join(str(exc).split())}")
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold the one writer's lock of ``target`` (``.<name>.lock`` beside it, removed on release).
+
+    An advisory ``flock`` the kernel drops when the holder dies, so a killed writer never leaves
+    a stale lock. Taken without waiting: while another process writes ``target``, raises
+    ``OSError`` (``EBUSY``) naming the target and that process, and changes nothing. The lock file
+    is removed while still held; a process that opened it just before re-checks that the file
+    it locked is still the one at that path.
+
+    Examples:
+        >>> with writer_lock("merged"):
+        ...     with writer_lock("merged"):  # a second writer of the same target
+        ...         pass
+        Traceback (most recent call last):
+        OSError: [Errno 16] another process (pid ...) is writing merged: wait for it to finish, or write elsewhere
+    """
+    target = Path(target)
+    path = _lock_path(target)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OSError(
+                errno.EBUSY,
+                f"another process (pid {holder}) is writing {target}: wait for it to finish, or write elsewhere",
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed that file while this process opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -195,20 +251,21 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_residue(target)  # first, so that a previous target an interrupted write moved aside is back
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with writer_lock(target):  # residue removal below deletes only what no live writer of target owns
+        remove_residue(target)  # first, so that a previous target an interrupted write moved aside is back
+        staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
         try:
-            yield staging
-        except SafetensorError as exc:
-            raise as_os_error(exc) from exc
-        _open_file_modes(staging)
-        fsync_tree(staging)
-        for listener in list(_commit_listeners):
-            listener(target)
-        replace_directory(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    remove_residue(target)
+            try:
+                yield staging
+            except SafetensorError as exc:
+                raise as_os_error(exc) from exc
+            _open_file_modes(staging)
+            fsync_tree(staging)
+            for listener in list(_commit_listeners):
+                listener(target)
+            replace_directory(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        remove_residue(target)

@@ -20,6 +20,7 @@ from ..errors import AdapterVerificationError, MergeError, listed
 from ..files.safetensors_files import StoredTensor
 from ..lora_keys import split_lora_key
 from ..names import PEFT_KEY_PREFIX
+from ..verification.untrained import lora_init
 
 IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"
 
@@ -79,8 +80,8 @@ def check_streamable_config(config: Mapping, adapter_dir: Path) -> None:
     refused = []
     if config.get("use_dora"):
         refused.append("DoRA (use_dora)")
-    init = config.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
+    init = lora_init(config)  # the casing peft accepts ("Gaussian"), read as verify reads it
+    if not any(init is plain if isinstance(plain, bool) else init == plain for plain in _PLAIN_INITS):
         refused.append(f"init_lora_weights={init!r}")
     for name, value in config.items():
         if name not in _HANDLED_FIELDS and name != "use_dora" and value not in (None, False, 0, "", [], {}):

@@ -11,8 +11,8 @@ writer gets the tensors back.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -68,14 +68,82 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return False
 
 
-def _fsdp1_full_params(fsdp_root: torch.nn.Module | None) -> contextlib.AbstractContextManager:
-    if fsdp_root is not None and type(fsdp_root).__name__ == "FullyShardedDataParallel":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+def _fsdp1_units(fsdp_root: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The FSDP1 units under ``fsdp_root`` that hold parameters, in the same order on every rank."""
+    if fsdp_root is None or not has_fsdp1_units(fsdp_root):
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-        # offload_to_cpu keeps the gathered copies out of GPU memory; on CPU there is nothing to offload to.
-        on_gpu = any(p.is_cuda for p in fsdp_root.parameters())
-        return FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, offload_to_cpu=on_gpu)
-    return contextlib.nullcontext()
+    return [unit for unit in FullyShardedDataParallel.fsdp_modules(fsdp_root) if unit._handle is not None]
+
+
+def _shard_of(unit: torch.nn.Module, param: torch.Tensor, info: Any, shape: torch.Size) -> torch.Tensor:
+    """The full ``param`` of an FSDP1 ``unit`` (``use_orig_params=True``), built from every rank's piece of it.
+
+    Collective over the unit's process group. Each rank holds a contiguous slice of the flat
+    parameter, so each original parameter lies in at most a few ranks' shards: every rank places its
+    piece (``_ShardParamInfo``) into a zero vector of the parameter's size, and a sum gives the whole
+    parameter. Only this parameter is moved; the unit's other (frozen) parameters are never unsharded.
+    """
+    handle = unit._handle
+    flat = handle.flat_param
+    if not handle.uses_sharded_strategy:  # NO_SHARD: every rank has the whole flat parameter, and param views it
+        return param.detach().reshape(shape)
+    # On the device FSDP runs its own collectives on (a GPU under NCCL even when the shard is offloaded to the CPU).
+    full = torch.zeros(shape.numel(), dtype=flat.dtype, device=getattr(unit, "compute_device", flat.device))
+    if info.in_shard:
+        local = flat.detach()[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
+        full[info.intra_param_start_idx : info.intra_param_end_idx + 1] = local
+    torch.distributed.all_reduce(full, group=unit.process_group)
+    return full.view(shape)
+
+
+def _gather_fsdp1(
+    component: LoraComponent, fsdp_root: torch.nn.Module, units: list[torch.nn.Module], is_writer: bool
+) -> dict[str, torch.Tensor]:
+    """The adapter's parameters of an FSDP1 model, each gathered alone (never a whole unit, never the whole model).
+
+    ``FullyShardedDataParallel.summon_full_params`` on the root would unshard every frozen base weight
+    on every rank, as large as the model, to copy a few MB of adapter. With ``use_orig_params=True``
+    (what accelerate and PEFT use) the original parameters are known to the flat parameter, and each
+    adapter parameter is assembled from the ranks' pieces (`_shard_of`). A unit without original
+    parameters (``use_orig_params=False``, where PEFT's ``fsdp_auto_wrap_policy`` gives the trainable
+    layers units of their own) is unsharded alone (``recurse=False``), and only if it holds adapter weights.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    prefix = component.path + "." if component.path else ""
+    names = {id(param): name for name, param in adapter_parameters(component.model)}
+    unit_names = {id(module): name for name, module in fsdp_root.named_modules()}  # the root wraps the whole model
+    gathered: dict[str, torch.Tensor] = {}
+    for unit in units:
+        flat = unit._handle.flat_param
+        if flat._params is not None:  # use_orig_params=True
+            for param, info, shape in zip(flat._params, flat._shard_param_infos, flat._shapes, strict=True):
+                if id(param) in names:
+                    full = _shard_of(unit, param, info, shape)
+                    if is_writer:
+                        gathered[prefix + canonical_name(names[id(param)])] = full.detach().to("cpu", copy=True)
+            continue
+        unit_name = unit_names[id(unit)]
+        wanted = {
+            fqn: canonical_name(f"{unit_name}.{fqn}" if unit_name else fqn)
+            for fqn in flat._fqns
+            if flat.requires_grad or _is_adapter_name(fqn)
+        }
+        wanted = {fqn: name for fqn, name in wanted.items() if name.startswith(prefix)}
+        if not wanted:
+            continue
+        on_gpu = flat.is_cuda  # offload_to_cpu keeps the gathered copies out of GPU memory
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False, offload_to_cpu=on_gpu):
+            if is_writer:
+                for fqn, name in wanted.items():
+                    gathered[name] = unit.module.get_parameter(fqn).detach().to("cpu", copy=True)
+    return gathered
+
+
+def _is_adapter_name(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
 
 
 def gather_adapter_state_dict(
@@ -85,7 +153,8 @@ def gather_adapter_state_dict(
 
     Collective: call on every process, in the same order. Returns the dict on the writer and
     ``None`` elsewhere. ``fsdp_root`` is the FSDP1 root module (``trainer.model_wrapped``) when
-    there is one; FSDP2 (``fully_shard``) and DeepSpeed need none.
+    there is one; FSDP2 (``fully_shard``) and DeepSpeed need none. Only the adapter's parameters
+    are gathered, one at a time: the frozen base weights stay sharded (`_gather_fsdp1`).
 
     Examples:
         ```python
@@ -96,10 +165,13 @@ def gather_adapter_state_dict(
             write_lora_adapters(component, out, state_dict=state)
         ```
     """
-    prefix = component.path + "." if component.path else ""
-    with _fsdp1_full_params(fsdp_root):
+    units = _fsdp1_units(fsdp_root)
+    if units:
+        gathered = _gather_fsdp1(component, fsdp_root, units, is_writer)
+    else:
+        prefix = component.path + "." if component.path else ""
         params = adapter_parameters(component.model)
-        gathered: dict[str, torch.Tensor] = {}
+        gathered = {}
         if any(hasattr(p, "ds_id") for _, p in params):
             import deepspeed
 

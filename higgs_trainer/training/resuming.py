@@ -110,12 +110,21 @@ def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike)
     for name in component.model.peft_config:
         directory = adapter_dir if name == "default" else adapter_dir / name
         tensors = read_adapter_tensors(directory)
-        result = set_peft_model_state_dict(component.model, tensors, adapter_name=name)
+        try:
+            result = set_peft_model_state_dict(component.model, tensors, adapter_name=name)
+        except KeyError as exc:  # peft looks up each modules_to_save weight of the model in the file
+            raise AdapterVerificationError(
+                f"cannot resume from {directory}: the adapter lacks {exc.args[0]!r}, a trained weight of the "
+                f"PeftModel at {component.display_path} (a modules_to_save head lost from the file); "
+                f"`higgs-trainer verify {directory}` lists what is wrong"
+            ) from exc
         unexpected = list(result.unexpected_keys)
-        missing = [key for key in result.missing_keys if "lora_" in key and f".{name}." in key]
+        missing = [
+            key for key in result.missing_keys if ("lora_" in key or ".modules_to_save." in key) and f".{name}." in key
+        ]
         if unexpected or missing:
             raise AdapterVerificationError(
                 f"the adapter at {directory} does not fit the PeftModel at {component.display_path}: "
-                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing LoRA key(s) {missing[:3]}"
+                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing key(s) {missing[:3]}"
             )
         logger.info("Loaded LoRA adapter %r from %s into %s", name, directory, component.display_path)

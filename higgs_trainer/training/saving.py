@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .._compat import peft_save_is_mirrored
 from ..errors import AdapterSaveError, AdapterVerificationError
 from ..files.atomic import staged_directory
 from ..lora_keys import split_lora_key
@@ -93,6 +94,46 @@ def _adapter_state(
 
 
 def _save_adapter_files(
+    peft_model: PeftModel,
+    adapter_name: str,
+    state: dict[str, torch.Tensor],
+    directory: Path,
+    *,
+    source_state: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: bool = False,
+) -> None:
+    """Write one adapter's files as ``PeftModel.save_pretrained`` does: our copy where it mirrors peft, else peft's own.
+
+    ``state`` is the adapter state dict already built; ``source_state`` the (component's) state
+    dict it was built from, None for the live model, which peft's own method needs. Which one runs
+    is `_compat.peft_save_is_mirrored`'s answer for the installed peft.
+    """
+    if peft_save_is_mirrored():
+        _write_adapter_files(peft_model, adapter_name, state, directory)
+    else:
+        _save_with_peft(peft_model, adapter_name, directory, source_state, save_embedding_layers)
+
+
+def _save_with_peft(
+    peft_model: PeftModel,
+    adapter_name: str,
+    directory: Path,
+    source_state: dict[str, torch.Tensor] | None,
+    save_embedding_layers: bool,
+) -> None:
+    """peft's own ``save_pretrained`` of one adapter into ``directory`` (its model card removed, as our copy writes none)."""
+    root = directory if adapter_name == "default" else directory.parent
+    peft_model.save_pretrained(
+        str(root),
+        selected_adapters=[adapter_name],
+        save_embedding_layers=save_embedding_layers,
+        state_dict=source_state,
+        safe_serialization=True,
+    )
+    (root / "README.md").unlink(missing_ok=True)  # peft writes its model card into the directory it was given
+
+
+def _write_adapter_files(
     peft_model: PeftModel, adapter_name: str, state: dict[str, torch.Tensor], directory: Path
 ) -> None:
     """What ``PeftModel.save_pretrained`` writes for one adapter (peft 0.16 to 0.21), from a state dict already built.
@@ -108,7 +149,7 @@ def _save_adapter_files(
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
     config = peft_model.peft_config[adapter_name]
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = peft_model.base_model.model.__dict__.get("name_or_path", None) or None
+        config.base_model_name_or_path = peft_model.base_model.model.__dict__.get("name_or_path", None)
     auto_mapping = None
     if config.task_type is None:
         base_class = type(peft_model.base_model.model)
@@ -242,7 +283,15 @@ def write_lora_adapters(
         with staged_directory(target) as staging:
             try:
                 for name, state in states.items():
-                    _save_adapter_files(peft_model, name, state, staging if name == "default" else staging / name)
+                    directory = staging if name == "default" else staging / name
+                    _save_adapter_files(
+                        peft_model,
+                        name,
+                        state,
+                        directory,
+                        source_state=component_state,
+                        save_embedding_layers=save_embedding_layers,
+                    )
             except Exception as exc:
                 raise AdapterSaveError(
                     f"writing the LoRA adapter of {component.display_path!r} to {target} failed: {exc} "

@@ -47,6 +47,33 @@ def _component_of(trainer: Trainer, path: str | None = None) -> LoraComponent:
     return find_lora_model(unwrap_model(trainer.model), path=path)
 
 
+def fsdp_saves_full_state_dict(plugin: Any) -> bool:
+    """True when accelerate's FSDP ``plugin`` gathers a full state dict, which ``Trainer.save_model`` hands ``_save``.
+
+    Compared as torch's ``StateDictType`` enum, which accelerate turns every configured value into
+    (``"FULL_STATE_DICT"``, ``"1"``, or unset: its default).
+
+    Examples:
+        >>> from accelerate import FullyShardedDataParallelPlugin
+        >>> fsdp_saves_full_state_dict(FullyShardedDataParallelPlugin(state_dict_type="FULL_STATE_DICT"))
+        True
+        >>> fsdp_saves_full_state_dict(FullyShardedDataParallelPlugin(state_dict_type="SHARDED_STATE_DICT"))
+        False
+    """
+    from torch.distributed.fsdp import StateDictType
+
+    return plugin.state_dict_type == StateDictType.FULL_STATE_DICT
+
+
+def _is_deepspeed_engine(trainer: Trainer, model: Any) -> bool:
+    """True when ``model`` is DeepSpeed's engine (deepspeed is imported only where the trainer runs under it)."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    import deepspeed
+
+    return isinstance(model, deepspeed.DeepSpeedEngine)
+
+
 class LoraAdapterSavingMixin:
     """Adds verified ``lora_adapters`` to every save of a ``transformers.Trainer`` subclass.
 
@@ -212,7 +239,7 @@ class LoraAdapterSavingMixin:
             zero = self.accelerator.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
             return zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False)
         if self.is_fsdp_enabled:
-            return "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            return not fsdp_saves_full_state_dict(self.accelerator.state.fsdp_plugin)
         return False
 
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -264,17 +291,20 @@ class LoraAdapterSavingMixin:
         with open(os.path.join(output_dir, ADAPTER_ONLY_MARKER), "w") as handle:
             json.dump(marker, handle)
 
-    # Trainer stores its DeepSpeed engine in `self.deepspeed` right before loading a checkpoint into it on resume;
-    # with adapter-only checkpoints the engine must accept a module state without the frozen base weights.
+    # Trainer puts its DeepSpeed engine in `model_wrapped` right after accelerator.prepare and loads a checkpoint into
+    # it from there (`deepspeed_load_checkpoint(self.model_wrapped, ...)`, on resume and for load_best_model_at_end);
+    # with adapter-only checkpoints the engine must accept a module state without the frozen base weights. Hooked on
+    # `model_wrapped`, the attribute Trainer itself works with, not on `self.deepspeed`, which Trainer sets only for
+    # "backward compatibility".
     @property
-    def deepspeed(self) -> Any:
-        return self.__dict__.get("_deepspeed_engine")
+    def model_wrapped(self) -> Any:
+        return self.__dict__.get("_model_wrapped")
 
-    @deepspeed.setter
-    def deepspeed(self, engine: Any) -> None:
-        if engine is not None and self.adapter_only_checkpoints:
-            allow_missing_frozen_parameters(engine)
-        self.__dict__["_deepspeed_engine"] = engine
+    @model_wrapped.setter
+    def model_wrapped(self, model: Any) -> None:
+        if getattr(self, "adapter_only_checkpoints", False) and _is_deepspeed_engine(self, model):
+            allow_missing_frozen_parameters(model)
+        self.__dict__["_model_wrapped"] = model
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not (self.adapter_only_checkpoints and self.is_deepspeed_enabled):
@@ -306,7 +336,7 @@ class LoraAdapterSavingMixin:
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         # Under DeepSpeed the parameters are partitioned: Trainer loads the engine's own checkpoint (frozen base left
-        # out, allowed by the `deepspeed` setter); loading the adapter into live partitioned parameters would not stick.
+        # out, allowed by the `model_wrapped` setter); loading the adapter into live partitioned parameters would not stick.
         if best is not None and is_adapter_only_checkpoint(best) and not self.is_deepspeed_enabled:
             logger.info("Loading best model from %s (adapter-only checkpoint)", best)
             load_lora_adapters(self.lora_component(), os.path.join(best, ADAPTER_DIRNAME))

@@ -15,6 +15,7 @@ LoRA parameters that are frozen or absent from the optimizer.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -32,6 +33,20 @@ LIKELY_CAUSES = (
 )
 
 
+def lora_init(config: Mapping) -> bool | str:
+    """``config``'s ``init_lora_weights`` as peft reads it: a name in lower case (peft lowercases ``"Gaussian"``).
+
+    The one reading of the field for `starts_from_zero` (verify, the trainer's warning) and the
+    streaming merge's check of which initialisations leave the base weights alone.
+
+    Examples:
+        >>> lora_init({"init_lora_weights": "Gaussian"}), lora_init({"init_lora_weights": "PiSSA"}), lora_init({})
+        ('gaussian', 'pissa', True)
+    """
+    init = config.get("init_lora_weights", True)
+    return init.lower() if isinstance(init, str) else init
+
+
 def starts_from_zero(config: Mapping) -> bool:
     """True when ``config``'s ``init_lora_weights`` starts every ``lora_B`` at zero (peft's default and ``"gaussian"``).
 
@@ -41,9 +56,7 @@ def starts_from_zero(config: Mapping) -> bool:
         >>> starts_from_zero({"init_lora_weights": "pissa"}), starts_from_zero({"init_lora_weights": False})
         (False, False)
     """
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str):
-        init = init.lower()
+    init = lora_init(config)
     return any(init is start if isinstance(start, bool) else init == start for start in _ZERO_START_INITS)
 
 
@@ -71,8 +84,10 @@ def untrained_problem(config: Mapping, tensors: Mapping[str, torch.Tensor]) -> s
     zero_start = {key: tensor for key, tensor in tensors.items() if _is_zero_at_init(key)}
     if not zero_start or any(tensor.numel() == 0 or bool(tensor.any()) for tensor in zero_start.values()):
         return None
+    counts = Counter(split_lora_key(key).part for key in zero_start)
+    parts = " and ".join(f"{counts[part]} {part}" for part in _ZERO_AT_INIT if counts[part])
     return (
-        f"untrained: all {len(zero_start)} lora_B tensor(s) are still zero, peft's initialisation "
+        f"untrained: all {parts} tensor(s) are still zero, peft's initialisation "
         f"(init_lora_weights={config.get('init_lora_weights', True)!r}), so this adapter changes nothing; "
         f"likely causes: {LIKELY_CAUSES}"
     )
@@ -140,4 +155,11 @@ def check_lora_trainable(
         )
 
 
-__all__ = ["LIKELY_CAUSES", "check_lora_trainable", "lora_parameters", "starts_from_zero", "untrained_problem"]
+__all__ = [
+    "LIKELY_CAUSES",
+    "check_lora_trainable",
+    "lora_init",
+    "lora_parameters",
+    "starts_from_zero",
+    "untrained_problem",
+]

@@ -9,14 +9,17 @@ embeddings with its text + audio loss on the Higgs stack), which must be gathere
 only the adapter's parameters, as with ``SHARDED_STATE_DICT`` (where ``_save`` is never called).
 """
 
+import json
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType, fully_shard
+from torch.distributed.fsdp._flat_param import FlatParamHandle
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from higgs_trainer import AdapterVerificationError, find_lora_model
@@ -40,19 +43,28 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
-wrapper = make_speech_model(TARGET_MODULES, heads_to_save(tiny_base_model()))
+# fsdp1-flat trains LoRA only: peft 0.16 reads a modules_to_save copy with its module's state_dict(), a collective
+# once PEFT's wrap policy made that module an FSDP unit, which the one writing process cannot run.
+HEADS = heads_to_save(tiny_base_model()) if version != "fsdp1-flat" else []
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast")
+wrapper = make_speech_model(TARGET_MODULES, HEADS or None)
 layers = [m for m in wrapper.modules() if type(m).__name__.endswith("DecoderLayer")]
 if version == "fsdp2":
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(wrapper, mesh=mesh)
     root = wrapper
-else:  # FSDP1, wrapped per decoder layer with use_orig_params (what PEFT needs), as accelerate configures it
+elif version == "fsdp1":  # FSDP1, wrapped per decoder layer with use_orig_params (what PEFT needs), as accelerate does
     root = FullyShardedDataParallel(
         wrapper,
         auto_wrap_policy=ModuleWrapPolicy({type(layers[0])}),
         use_orig_params=True,
         device_id=torch.device("cpu"),
+    )
+else:  # fsdp1-flat: use_orig_params=False, with PEFT's own wrap policy (each trainable layer a unit of its own)
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = type(layers[0]).__name__
+    root = FullyShardedDataParallel(
+        wrapper, auto_wrap_policy=fsdp_auto_wrap_policy(wrapper), use_orig_params=False, device_id=torch.device("cpu")
     )
 assert is_sharded(wrapper)
 
@@ -87,10 +99,44 @@ else:
         full = root.state_dict()
 if rank == 0:
     save(component, "full", full)
-# (2) SHARDED_STATE_DICT: only the adapter's parameters are gathered (collective).
-adapter_state = gather_adapter_state_dict(
-    component, is_writer=rank == 0, fsdp_root=root if version == "fsdp1" else None
+# (2) SHARDED_STATE_DICT: only the adapter's parameters are gathered (collective). Measured on every rank: how many
+# FSDP1 flat parameters (whole units) were unsharded, and how many elements went through collectives.
+unsharded, moved = [], []
+real_unshard, real_collectives = FlatParamHandle.unshard, {n: getattr(dist, n) for n in COLLECTIVES}
+
+
+def counting_unshard(handle, *args, **kwargs):
+    unsharded.append(sum(handle.flat_param._numels))  # the unit's parameters, in full
+    return real_unshard(handle, *args, **kwargs)
+
+
+def counting(name):
+    def collective(*args, **kwargs):
+        moved.append(max(a.numel() for a in args if isinstance(a, torch.Tensor)))  # the full (output) tensor
+        return real_collectives[name](*args, **kwargs)
+
+    return collective
+
+
+FlatParamHandle.unshard = counting_unshard
+for name in COLLECTIVES:
+    setattr(dist, name, counting(name))
+try:
+    adapter_state = gather_adapter_state_dict(
+        component, is_writer=rank == 0, fsdp_root=None if version == "fsdp2" else root
+    )
+finally:
+    FlatParamHandle.unshard = real_unshard
+    for name, collective in real_collectives.items():
+        setattr(dist, name, collective)
+frozen = sum(p.numel() for p in tiny_base_model().parameters()) - sum(
+    p.numel() for n, p in tiny_base_model().named_parameters() if any(n.startswith(h + ".") for h in HEADS)
 )
+adapter_numel = sum(
+    p.numel() for n, p in make_speech_model(TARGET_MODULES, HEADS or None).named_parameters() if p.requires_grad
+)
+with open(os.path.join(output_dir, f"gather-rank{rank}.json"), "w") as handle:
+    json.dump({"unsharded": unsharded, "moved": sum(moved), "adapter": adapter_numel, "frozen": frozen}, handle)
 if rank == 0:
     save(component, "sharded", adapter_state)
 

@@ -39,6 +39,11 @@ parser.add_argument("--no-gather", action="store_true", help="stage3_gather_16bi
 parser.add_argument("--adapter-only", action="store_true", help="HiggsLoraTrainer(adapter_only_checkpoints=True)")
 parser.add_argument("--resume", help="checkpoint to resume from")
 parser.add_argument("--heads", action="store_true", help="modules_to_save heads, text + audio loss")
+parser.add_argument(
+    "--no-deepspeed-attribute",
+    action="store_true",
+    help="a trainer that drops Trainer's backward-compatibility `self.deepspeed = self.model_wrapped`",
+)
 parser.add_argument("--best-is-earliest", action="store_true", help="evaluate every 2 steps; load_best_model_at_end")
 options = parser.parse_args()
 output_dir, gather = options.output_dir, not options.no_gather
@@ -85,7 +90,19 @@ if options.heads:
 else:
     model = make_model("model")
     data = dict(train_dataset=RandomTokens())
-trainer = HiggsLoraTrainer(
+
+
+class WithoutDeepspeedAttribute(HiggsLoraTrainer):
+    """A trainer on which Trainer's "backward compatibility" `self.deepspeed = self.model_wrapped` runs nothing.
+
+    Reading `self.deepspeed` still gives the engine (transformers 4.46's save_model reads it); only the assignment,
+    made right before Trainer loads a checkpoint into the engine, is gone.
+    """
+
+    deepspeed = property(lambda self: self.model_wrapped if self.is_deepspeed_enabled else None, lambda self, _: None)
+
+
+trainer = (WithoutDeepspeedAttribute if options.no_deepspeed_attribute else HiggsLoraTrainer)(
     model=model,
     args=args,
     **data,
