@@ -6,8 +6,10 @@ Each shim names the versions (or upstream issue) it is for and when it can go.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -291,3 +293,59 @@ def boson_semantic_teacher(tokenizer_module: Any, model: torch.nn.Module) -> Ite
         yield
     finally:
         tokenizer_module.AutoModel = previous
+
+
+# DeepSpeed as the CLI's libraries see it. The CLI never runs DeepSpeed, yet importing it (installed on the Higgs
+# stack, and wherever a user trains with it) costs seconds and logs "real_accelerator.py ... Setting accelerator to CPU"
+# on stderr on a machine without a GPU. Two libraries import it because it is installed, each after asking one
+# function, which no other code on the CLI's paths looks up under that name:
+_DEEPSPEED_CHECKS = (
+    # boson-multimodal 0.1.1, model/higgs_audio/utils.py: imports deepspeed.utils.groups and deepspeed.sequence.layer
+    # at module level when `transformers.integrations.is_deepspeed_available()` says yes (DeepSpeed-Ulysses sequence
+    # parallelism), so building or loading a HiggsAudioModel imports DeepSpeed (verify --base, merge, convert --base).
+    # Can go when boson_multimodal imports DeepSpeed only when sequence parallelism is used.
+    ("transformers.integrations", "is_deepspeed_available"),
+    # accelerate 1.x (1.9.0 and the newest stack's), utils/other.py extract_model_from_parallel: `from deepspeed import
+    # DeepSpeedEngine` when its `is_deepspeed_available()` says yes; transformers' save_pretrained calls it (through
+    # unwrap_model, 4.46.3 and 5.x), so the in-memory merge imports DeepSpeed. Can go when accelerate looks for a
+    # DeepSpeedEngine only once DeepSpeed is imported.
+    ("accelerate.utils.other", "is_deepspeed_available"),
+)
+
+
+@contextlib.contextmanager
+def deepspeed_unseen() -> Iterator[None]:
+    """In the block, the two checks in ``_DEEPSPEED_CHECKS`` say DeepSpeed is not installed, so nothing imports it.
+
+    For the CLI only, around a command (which never runs DeepSpeed); the checks come back after.
+    A no-op once DeepSpeed is imported (a process that uses it keeps it). A module that binds one
+    of these names while the block runs (boson_multimodal's model code, first imported there)
+    keeps the answer.
+
+    Examples:
+        ```python
+        with deepspeed_unseen():
+            merge_adapter("base", "out/lora_adapters", "merged")  # DeepSpeed stays unimported
+        ```
+    """
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    replaced = []
+    for module_name, name in _DEEPSPEED_CHECKS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if callable(getattr(module, name, None)):
+            replaced.append((module, name, getattr(module, name)))
+            setattr(module, name, _deepspeed_not_installed)
+    try:
+        yield
+    finally:
+        for module, name, check in replaced:
+            setattr(module, name, check)
+
+
+def _deepspeed_not_installed() -> bool:
+    return False

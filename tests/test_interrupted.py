@@ -1,20 +1,24 @@
 """Interrupted work: SIGTERM/SIGINT during extract and merge (and while the command is still importing), and
 resuming a run whose last checkpoint was cut short by a kill. Real signals, real Trainer and HiggsAudioModel."""
 
+import importlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, find_lora_model
+from higgs_trainer.cli import verify as cli_verify
 from higgs_trainer.files import atomic
 from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import run_cli
+from tests.environment import missing
 from tests.launch import ROOT
 from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
 
@@ -66,25 +70,137 @@ def test_a_signal_while_writing_removes_the_partial_output(
     assert signal.getsignal(signal.SIGTERM) is handler_before  # main() puts the handlers back
 
 
-def test_an_interrupt_while_the_command_is_still_importing_is_one_line(tmp_path):
-    script = "from higgs_trainer.cli import main; raise SystemExit(main())"
+def signal_as_committed(monkeypatch, signum, moment):
+    """Deliver ``signum`` to this process as the finished output goes into place: ``between renames`` (the previous
+    output moved aside, the new one not yet renamed) or ``after rename`` (the new one in place)."""
+    if moment == "after rename":
+        real = atomic.replace_directory
+
+        def replace_directory(source, target):
+            real(source, target)
+            os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(atomic, "replace_directory", replace_directory)
+        return
+    rename = os.rename
+
+    def rename_then_signal(source, target):
+        rename(source, target)
+        if ".old-" in os.fspath(target):  # the previous output moved aside
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(atomic.os, "rename", rename_then_signal)
+
+
+COMMITTED = {  # what each command's report starts with, and a file its complete output holds
+    "merge": ("Merged ", "model.safetensors"),
+    "extract": ("Extracted ", "adapter_model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("moment", ["between renames", "after rename"])
+@pytest.mark.parametrize("command", sorted(COMMITTED))
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_once_the_output_is_going_into_place_keeps_it_and_exits_0(
+    inputs, tmp_path, monkeypatch, capsys, command, signum, moment
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier output, replaced with --overwrite")
+    signal_as_committed(monkeypatch, signum, moment)
+    code, stdout, err = run_cli(capsys, *COMMANDS[command](inputs, out), "--overwrite")
+    assert code == 0, err
+    report, weights = COMMITTED[command]
+    assert stdout.startswith(report), stdout
+    name = signal.Signals(signum).name
+    assert err == f"higgs-trainer {command}: {name} arrived once {out} was complete: kept it and finished\n", err
+    assert (out / weights).is_file() and not (out / "previous.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "staging or moved-aside directory left behind"
+
+
+def signal_handled(pid):
+    """Whether process ``pid`` has a handler for SIGTERM (Python installs none of its own; `main` does, first)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def torch_mapped(pid):
+    """Whether torch's library is mapped into process ``pid``: the command's imports are under way, not finished."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
+# When each signal is sent: once `main` has installed its handler (its first step), or once torch's library is mapped
+# (imports under way), then after a delay.
+EARLY = {"handler installed": (signal_handled, 0.0), "importing torch": (torch_mapped, 0.0)}
+EARLY["importing, +0.3 s"] = (torch_mapped, 0.3)
+
+
+@pytest.mark.parametrize("moment", list(EARLY))
+@pytest.mark.parametrize(
+    ("signum", "message", "status"),
+    [(signal.SIGTERM, "terminated by SIGTERM", 143), (signal.SIGINT, "interrupted", 130)],
+    ids=["TERM", "INT"],
+)
+def test_a_signal_in_the_first_moments_of_a_command_is_one_line(inputs, moment, signum, message, status):
+    script = Path(sys.executable).parent / "higgs-trainer"
+    if not script.is_file():
+        missing(f"no console script {script}: install the package (pip install -e .)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-c", script, "verify", str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+        [str(script), "verify", str(inputs / "lora_adapters")], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
+    reached, delay = EARLY[moment]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # torch's library is mapped: the imports are under way, not finished
-        try:
-            with open(f"/proc/{process.pid}/maps") as maps:
-                if "libtorch" in maps.read():
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    try:
+        while not reached(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        pass  # it ended already: the assertions below say how
+    time.sleep(delay)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
-    assert err == "higgs-trainer: interrupted\n", err
+    assert process.returncode == status, err
+    # the command may be running already (a slow import elsewhere): then it names itself and what it left
+    assert err in (f"higgs-trainer: {message}\n", f"higgs-trainer verify: {message} (nothing written)\n"), err
+
+
+def signal_inside(library, signum, call):
+    """``call`` wrapped as a library that sends itself ``signum`` and swallows the exception it raised, or fails in
+    its place (seen while numpy imported: a RecursionError from the half-imported module, or nothing and exit 0)."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signum)
+        except BaseException:
+            if library == "fails in its place":
+                raise RecursionError("maximum recursion depth exceeded") from None
+        return call(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("phase", ["importing", "running"])
+@pytest.mark.parametrize("library", ["swallows it", "fails in its place"])
+@pytest.mark.parametrize(
+    ("signum", "message", "status"),
+    [(signal.SIGTERM, "terminated by SIGTERM", 143), (signal.SIGINT, "interrupted", 130)],
+    ids=["TERM", "INT"],
+)
+def test_a_signal_counts_whatever_a_library_makes_of_its_exception(
+    inputs, monkeypatch, capsys, phase, library, signum, message, status
+):
+    if phase == "importing":  # the command module, which `main` imports once the arguments parsed
+        real = importlib.import_module
+        inside = signal_inside(library, signum, real)
+        monkeypatch.setattr(importlib, "import_module", lambda name: (inside if ".cli." in name else real)(name))
+        expected = f"higgs-trainer: {message}\n"
+    else:
+        monkeypatch.setattr(cli_verify, "inspect_path", signal_inside(library, signum, cli_verify.inspect_path))
+        expected = f"higgs-trainer verify: {message} (nothing written)\n"
+    code, _, err = run_cli(capsys, "verify", inputs / "lora_adapters")
+    assert (code, err) == (status, expected)
 
 
 # 7. a kill while saving a checkpoint: resume from the newest complete one

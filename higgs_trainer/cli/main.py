@@ -5,8 +5,11 @@ Here: the argument parser, and running a command: each lives in a module of its 
 ``--version`` import neither torch nor transformers), that calls one library function
 (`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`, `speak`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
-error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an interrupted command
-removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
+error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM), from the first moment of
+`main` on, imports included; an interrupted command removes what it had begun to write. A signal that
+arrives once the finished output is being renamed into place no longer stops the command: it
+finishes, exits 0 and says on stderr that the output is complete. Errors are one line on stderr;
+``--debug`` adds the traceback.
 
 Examples:
     >>> import torch
@@ -38,6 +41,8 @@ import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
 
 from .._version import __version__
 from ..convert.layouts import LAYOUTS
@@ -184,32 +189,61 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """SIGTERM and SIGINT unwind the stack (``finally`` blocks run, partial outputs are removed), once.
+class _Signals:
+    """What SIGINT and SIGTERM do while `main` runs.
 
-    The first of them raises; any further one is ignored until the command has cleaned up and
-    returned, so a second Ctrl-C cannot cut the clean-up short. The previous handlers come back after.
+    Until the command starts to put its finished output in place, the first signal raises
+    (``KeyboardInterrupt``, or `_Terminated` for SIGTERM): ``finally`` blocks run and partial
+    outputs are removed. Any further one is ignored, so a second Ctrl-C cannot cut the clean-up
+    short. A library may swallow that exception (a broad ``except``) or fail in its place (a
+    module left half imported): `arrived` keeps the signal, and the command counts as
+    interrupted whatever came of it. Once the command has started to rename its output into
+    place (`committing`), or has finished, a signal is only recorded: the output is complete.
     """
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
-        yield
-        return
 
-    def stop(signum: int, _frame: object) -> None:
+    def __init__(self) -> None:
+        self.arrived: int | None = None
+        self.committing: list[Path] = []
+        self.finished = False
+
+    def commit_started(self, target: Path) -> None:
+        self.committing.append(target)
+
+    def interruption(self) -> BaseException:
+        """The exception that stands for the signal that arrived."""
+        return KeyboardInterrupt() if self.arrived == signal.SIGINT else _Terminated(self.arrived or signal.SIGTERM)
+
+    def handle(self, signum: int, _frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated(signum)
+        self.arrived = signum
+        if not (self.committing or self.finished):
+            raise self.interruption()
 
+
+@contextlib.contextmanager
+def _handling_signals(as_program: bool) -> Iterator[_Signals]:
+    """Handle SIGTERM and SIGINT with a `_Signals` for the block.
+
+    After it, the previous handlers come back; or, ``as_program`` (the process ends with the
+    block), both are ignored: the outcome is printed, a signal while the process exits changes
+    nothing. Signals ignored by whoever started us (``nohup``, ``cmd &``) stay ignored. Handlers
+    can only be set in the main thread: elsewhere, Python's defaults stay.
+    """
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
     previous = {
-        signum: signal.signal(signum, stop)
+        signum: signal.signal(signum, signals.handle)
         for signum in (signal.SIGTERM, signal.SIGINT)
-        if signal.getsignal(signum) is not signal.SIG_IGN  # ignored by whoever started us (nohup, `cmd &`): stays so
+        if signal.getsignal(signum) is not signal.SIG_IGN
     }
     try:
-        yield
+        yield signals
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if as_program else handler)
 
 
 @contextlib.contextmanager
@@ -255,12 +289,27 @@ def _fail(command: str, exc: BaseException, status: int, debug: bool, unexpected
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``higgs-trainer`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+    """Run ``higgs-trainer`` with ``argv`` (default ``sys.argv[1:]``, as the program) and return the exit status.
 
     Examples:
         >>> main(["extract", "missing-dir", "--output", "out", "--lora-alpha", "32"])  # usage error, on stderr
         2
     """
+    # First of all: from here on a signal is one line, also while torch and transformers import (seconds).
+    with _handling_signals(as_program=argv is None) as signals:
+        try:
+            status = _run(argv, signals)
+            signals.finished = True
+            return status
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except _Terminated as exc:
+            print(f"{PROG}: terminated by {exc}", file=sys.stderr)
+            return 128 + exc.signum
+
+
+def _run(argv: Sequence[str] | None, signals: _Signals) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -273,19 +322,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: name a command: verify, extract, merge, convert or speak", file=sys.stderr)
         return 2
-    try:  # the command's module imports torch and transformers: seconds in which a Ctrl-C must be one line too
-        command = importlib.import_module(f"{__package__}.{args.command}")
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    # What the command prints goes to stdout; anything else printed meanwhile (DeepSpeed and boson_multimodal log to
-    # stdout when first imported) goes to stderr, so `--json` output stays one JSON document.
+    try:
+        command = importlib.import_module(f"{__package__}.{args.command}")  # torch, transformers: seconds
+    except BaseException:
+        if signals.arrived is None:
+            raise
+    if signals.arrived is not None:  # whether it raised, a library swallowed it, or a half-imported module failed
+        raise signals.interruption()
+    return _run_command(command, args, signals)
+
+
+def _run_command(command: ModuleType, args: argparse.Namespace, signals: _Signals) -> int:
+    from .._compat import deepspeed_unseen
+    from ..files.atomic import commits_announced_to
+
+    # What the command prints goes to stdout; anything else printed meanwhile (boson_multimodal logs to stdout when
+    # first imported) goes to stderr, so `--json` output stays one JSON document.
     stdout = sys.stdout
     args.echo = functools.partial(print, file=stdout)
     args.complain = functools.partial(print, f"{PROG} {args.command}:", file=sys.stderr)
-    with _console(args.verbose, args.debug), _interruptible(), contextlib.redirect_stdout(sys.stderr):
+    with (
+        _console(args.verbose, args.debug),
+        deepspeed_unseen(),
+        commits_announced_to(signals.commit_started),
+        contextlib.redirect_stdout(sys.stderr),
+    ):
         try:
-            return command.run(args)
+            try:
+                status = command.run(args)
+            except BaseException:
+                if signals.arrived is None or signals.committing:
+                    raise
+            if signals.arrived is not None and not signals.committing:  # whatever became of the exception
+                raise signals.interruption()
         except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
             return 1
@@ -301,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + exc.signum
         except Exception as exc:
             return _fail(args.command, exc, 1, args.debug, unexpected=True)
+    if signals.arrived is not None and status == 0:  # it arrived as the output was put in place: complete, kept
+        written = ", ".join(map(str, signals.committing))
+        name = signal.Signals(signals.arrived).name
+        print(
+            f"{PROG} {args.command}: {name} arrived once {written} was complete: kept it and finished", file=sys.stderr
+        )
+    return status
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 logger = logging.getLogger(__name__)
+
+_commit_listeners: list[Callable[[Path], None]] = []
 
 
 def fsync_tree(directory: Path) -> None:
@@ -206,6 +208,25 @@ def writer_lock(target: str | os.PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def commits_announced_to(listener: Callable[[Path], None]) -> Iterator[None]:
+    """In the block, call ``listener(target)`` as each `staged_directory` starts to put its finished ``target`` in place.
+
+    From that call on, the write completes unless a rename itself fails: the CLI lets a signal that
+    arrives then finish the command, rather than call a complete output a failure.
+
+    Examples:
+        >>> with commits_announced_to(print), staged_directory("out/adapter") as staging:
+        ...     _ = (staging / "adapter_config.json").write_text("{}")
+        out/adapter
+    """
+    _commit_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _commit_listeners.remove(listener)
+
+
+@contextlib.contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory beside ``target``; on success it replaces ``target``.
 
@@ -241,6 +262,8 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
                 raise as_os_error(exc) from exc
             _open_file_modes(staging)
             fsync_tree(staging)
+            for listener in list(_commit_listeners):
+                listener(target)
             replace_directory(staging, target)
         finally:
             if staging.exists():
