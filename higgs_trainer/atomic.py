@@ -134,7 +134,9 @@ def write_file_atomically(target: str | os.PathLike, content: str | bytes) -> Pa
     """
     target = Path(target)
     if target.is_symlink() or target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory or a symbolic link, not a file this library wrote; write elsewhere")
+        raise IsADirectoryError(
+            f"{target} is a directory or a symbolic link, not a file this library wrote; write elsewhere"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     data = content.encode("utf-8") if isinstance(content, str) else content
     temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--base", metavar="BASE_DIR", help="also load converted adapters onto this base with peft")
     convert.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
     convert.set_defaults(handler=_convert)
+
+    listen = commands.add_parser(
+        "listen",
+        parents=[common],
+        help="write the run's listening page (speech.html) and print its table of samples",
+        description="Read the speech samples of every checkpoint of RUN (checkpoint-N/speech/, written by the speech "
+        "callback), write RUN/speech.html (players, spectrograms, flags, scores, the loss and scores against the "
+        "step, the best checkpoint marked; it opens from disk with no server) and print the same table.",
+    )
+    listen.add_argument("run", metavar="RUN", help="the run's output directory")
+    listen.add_argument("--output", "-o", metavar="PAGE", help="write the page here instead of RUN/speech.html")
+    listen.set_defaults(handler=_listen)
     return parser
 
 
@@ -271,6 +283,36 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen(args: argparse.Namespace) -> int:
+    from .speech.page import write_speech_page
+    from .speech.run_samples import read_run
+    from .speech.run_table import format_table
+
+    page = write_speech_page(args.run, args.output)
+    run = read_run(args.run)
+    if args.json:
+        rows = [
+            {
+                "checkpoint": c.name,
+                "step": c.step,
+                "loss": c.loss,
+                "metrics": c.metrics,
+                "samples": {
+                    name: {"seconds": s.seconds, "flags": list(s.flags), "error": s.error, "scores": s.scores}
+                    for name, s in c.samples.items()
+                },
+            }
+            for c in run.checkpoints
+        ]
+        args.echo(
+            json.dumps({"page": str(page), "best_checkpoint": run.best_checkpoint, "checkpoints": rows}, indent=2)
+        )
+        return 0
+    args.echo(format_table(run))
+    args.echo(f"page: {page} (open it in a browser; it needs no server)")
+    return 0
+
+
 # running
 
 
@@ -367,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: name a command: verify, extract, merge or convert", file=sys.stderr)
+        print(f"{PROG}: error: name a command: verify, extract, merge, convert or listen", file=sys.stderr)
         return 2
     # What the command prints goes to stdout; anything else printed meanwhile (DeepSpeed and boson_multimodal log to
     # stdout when first imported) goes to stderr, so `--json` output stays one JSON document.

@@ -27,7 +27,7 @@ import torch
 from ..errors import SpeechScorerError, first_line
 from .clips import to_rate
 from .dependencies import import_speech_dependency
-from .model_loading import local_or_hub
+from .model_loading import local_or_hub, untouched_rng
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,23 @@ class ErrorRateScorer:
             ) from None
         self._pipeline.model.eval().requires_grad_(False)
         self.sample_rate: int = int(self._pipeline.feature_extractor.sampling_rate)
+        self._check_transcribes()
+
+    def _check_transcribes(self) -> None:
+        """Transcribe half a second of silence once, so a model that loads but cannot transcribe fails here.
+
+        transformers 4.46 builds an ASR pipeline around an x-vector or audio-classification checkpoint (a CTC head
+        initialised at random, no tokenizer) and fails only when decoding its output.
+        """
+        try:
+            if self._pipeline.tokenizer is None:
+                raise ValueError("it has no tokenizer to write a transcript with")
+            self.transcribe(np.zeros(self.sample_rate // 2, dtype=np.float32), self.sample_rate)
+        except Exception as exc:
+            raise SpeechScorerError(
+                f"cannot transcribe with the ASR model {self.model_name!r}: {first_line(exc)}; pass a speech "
+                "recognition model with its tokenizer (e.g. a Whisper checkpoint)"
+            ) from None
 
     def check_text(self, text: str, prompt_name: str = "") -> None:
         """Raise `SpeechScorerError` when ``text`` has no words left after normalisation (nothing to score against)."""
@@ -147,7 +164,8 @@ class ErrorRateScorer:
         if audio.size == 0:
             return ""
         kwargs = {"generate_kwargs": self.generate_kwargs} if self.generate_kwargs else {}
-        result = self._pipeline({"raw": audio, "sampling_rate": self.sample_rate}, **kwargs)
+        with untouched_rng(self._pipeline.device):
+            result = self._pipeline({"raw": audio, "sampling_rate": self.sample_rate}, **kwargs)
         return str(result["text"])
 
     def score(self, audio: np.ndarray, sample_rate: int, text: str) -> ErrorRate:

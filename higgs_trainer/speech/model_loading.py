@@ -1,4 +1,4 @@
-"""Loading a scorer's model from where the user named it, with a one-line error when it cannot be loaded.
+"""A scorer's model: found where the user named it (one-line error when it is not there), run outside training.
 
 Examples:
     >>> local_or_hub("no/such/model-dir")
@@ -10,7 +10,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+import torch
 
 
 def local_or_hub(model: str | os.PathLike) -> str:
@@ -32,3 +35,21 @@ def local_or_hub(model: str | os.PathLike) -> str:
     if looks_like_path:
         raise FileNotFoundError("no such directory")
     return name
+
+
+def untouched_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which a scorer's model may draw random numbers without moving training's RNG streams.
+
+    Some audio models draw from the global generator even in eval mode; a scorer running at a save must
+    leave the next training step's dropout and sampling as they would have been without it.
+
+    Examples:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> with untouched_rng(torch.device("cpu")):
+        ...     _ = torch.rand(3)
+        >>> torch.equal(torch.rand(1), torch.manual_seed(0) and torch.rand(1))
+        True
+    """
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)

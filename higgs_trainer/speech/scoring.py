@@ -200,5 +200,3 @@ def as_eval_metrics(metrics: dict[str, float], prefix: str = "eval_") -> dict[st
         {'eval_speech_wer': 0.5}
     """
     return {f"{prefix}{name}": value for name, value in metrics.items()}
-
-

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import SpeechScorerError, first_line
 from .clips import read_clip, to_rate
-from .model_loading import local_or_hub
+from .model_loading import local_or_hub, untouched_rng
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class SpeakerSimilarityScorer:
             audio = np.pad(audio, (0, shortest - audio.size))
         inputs = self._features(audio, sampling_rate=self.sample_rate, return_tensors="pt")
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        return self._model(**inputs).embeddings[0].detach().cpu()
+        with untouched_rng(self.device):
+            return self._model(**inputs).embeddings[0].detach().cpu()
 
     def add_reference(self, path: str | os.PathLike, prompt_name: str = "") -> None:
         """Read and embed the reference clip at ``path`` once.
