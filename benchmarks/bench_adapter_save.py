@@ -40,7 +40,7 @@ from bench_checkpoint import SHAPES, build_model  # noqa: E402
 
 import higgs_trainer  # noqa: E402
 from higgs_trainer import HiggsLoraTrainer, find_lora_model, save_lora_adapters  # noqa: E402
-from higgs_trainer.saving import write_lora_adapters  # noqa: E402
+from higgs_trainer.training.saving import write_lora_adapters  # noqa: E402
 
 
 def _fsync(path: Path) -> None:

@@ -3,10 +3,10 @@
     python benchmarks/bench_convert.py [--layers 12] [--hidden 2048] [--work /tmp/bench-convert]
 
 Builds once a bf16 boson-layout (``higgs_audio``) model with exactly the weights its config implies
-(`higgs_trainer.layouts.expected_shapes`; vocabulary 128256 as in Higgs Audio v2, so the largest
+(`higgs_trainer.convert.layouts.expected_shapes`; vocabulary 128256 as in Higgs Audio v2, so the largest
 tensors are the text embedding and the text head), in 2 safetensors shards, its embedding split as
 boson's ``freeze_embed_until_idx`` saves it (so one output tensor is joined from two). Then, each in a
-fresh process: ``import higgs_trainer.cli`` alone, and ``higgs-trainer convert --to transformers``.
+fresh process: ``import higgs_trainer.cli.convert`` alone (the command's import floor), and ``higgs-trainer convert --to transformers``.
 Peak RSS is ``ru_maxrss``; peak anonymous memory (what is not file pages of the mmapped inputs) is
 sampled from ``/proc/PID/status`` every 5 ms.
 
@@ -41,7 +41,7 @@ def build(work: Path, layers: int, hidden: int) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from higgs_trainer import layouts
+    from higgs_trainer.convert import layouts
 
     source = work / f"boson-{layers}x{hidden}"
     if (source / "config.json").is_file():
@@ -73,6 +73,7 @@ def child(mode: str, args: list[str]) -> None:
     if mode == "build":
         print(json.dumps(build(Path(args[0]), int(args[1]), int(args[2]))))
         return
+    import higgs_trainer.cli.convert  # noqa: F401  (the command module imports the library)
     from higgs_trainer.cli import main
 
     if mode == "import":

@@ -9,7 +9,7 @@ tensors (r=``--rank`` on q/k/v/o/gate/up/down, about 1e7 parameters by default) 
 ``model.base_model.model.``. Then runs, each in a fresh process and after evicting the files it
 reads from the page cache (``posix_fadvise(DONTNEED)``; the host may still cache the virtual disk):
 
-* ``import torch`` alone, and ``import higgs_trainer.cli`` (the command's import floor);
+* ``import torch`` alone, and ``import higgs_trainer.cli.extract, higgs_trainer.cli.merge`` (the commands' import floor);
 * naive: ``safetensors.torch.load_file`` of the whole checkpoint, keep the ``lora_`` tensors, save them;
 * ``higgs-trainer extract`` of the same checkpoint;
 * ``higgs-trainer merge`` of the base and the extracted adapter.
@@ -207,7 +207,8 @@ def child(mode: str, args: list[str]) -> None:
         print(json.dumps({}))
         return
     if mode == "import":
-        import higgs_trainer.cli  # noqa: F401
+        import higgs_trainer.cli.extract  # noqa: F401  (the command modules import the library)
+        import higgs_trainer.cli.merge  # noqa: F401
 
         print(json.dumps({}))
         return

@@ -212,7 +212,7 @@ def child(mode: str, args: list[str]) -> None:
         import torch
         from peft import PeftModel
 
-        from higgs_trainer.merging import model_class_for
+        from higgs_trainer.merge.base_model import model_class_for
 
         start = time.perf_counter()
         config, cls = model_class_for(args[0])

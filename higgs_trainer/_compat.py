@@ -52,13 +52,13 @@ def from_pretrained_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return kwargs
 
 
-def save_pretrained_safetensors(model: Any, directory: str | os.PathLike) -> None:
-    """``model.save_pretrained(directory)`` in safetensors.
+def save_pretrained_safetensors(model: Any, directory: str | os.PathLike, max_shard_size: int | None = None) -> None:
+    """``model.save_pretrained(directory)`` in safetensors (shards of at most ``max_shard_size`` bytes if given).
 
     transformers < 5 takes ``safe_serialization`` (True by default since 4.35, passed to be sure);
     5.x writes only safetensors and removed the argument.
     """
-    kwargs = {}
+    kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(directory), **kwargs)

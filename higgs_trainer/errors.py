@@ -70,7 +70,7 @@ class AdapterSaveError(HiggsTrainerError, RuntimeError):
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
         >>> from higgs_trainer import find_lora_model
-        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> from higgs_trainer.training.saving import write_lora_adapters
         >>> wrapper = torch.nn.Module()
         >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
         >>> write_lora_adapters(find_lora_model(wrapper), "out", state_dict={})
@@ -148,6 +148,11 @@ class MergeError(HiggsTrainerError, RuntimeError):
         # MergeError: writing the merged model to merged failed: [Errno 28] No space left on device (nothing written)
         ```
     """
+
+
+# Exceptions that mean a bug in higgs_trainer, never bad input: the CLI reports them as "unexpected" with a hint to
+# rerun with --debug, and no library function turns them into one of the errors above.
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (AssertionError, AttributeError, NameError, TypeError)
 
 
 def listed(items: Iterable[str], limit: int = _MAX_LISTED) -> str:

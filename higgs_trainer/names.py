@@ -31,3 +31,6 @@ FULL_WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX)
 # Written last into every checkpoint-N by Trainer._save_checkpoint (transformers' TRAINER_STATE_NAME): a checkpoint
 # without it was interrupted while saving.
 TRAINER_STATE = "trainer_state.json"
+
+# The dtypes `higgs-trainer merge --dtype` saves in (the command's parser reads them here, without importing torch).
+DTYPE_NAMES = ("bf16", "fp16", "fp32")

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.environment import missing
 
 
 @contextlib.contextmanager
@@ -18,7 +18,7 @@ def small_tmpfs(directory: Path, size: str):
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
     )
     if mounted.returncode != 0:  # CI runs as root, where this works
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+        missing(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
     try:
         yield directory
     finally:

@@ -87,7 +87,7 @@ def test_only_checkpoints_are_adapter_only_not_other_internal_saves(tmp_path):
 
 
 def test_a_checkpoint_without_the_marker_is_not_taken_for_adapter_only(tmp_path):
-    from higgs_trainer.resuming import is_adapter_only_checkpoint
+    from higgs_trainer.training.resuming import is_adapter_only_checkpoint
 
     run(tmp_path)
     assert is_adapter_only_checkpoint(tmp_path / "checkpoint-2")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from higgs_trainer import find_lora_model
-from higgs_trainer.saving import write_lora_adapters
+from higgs_trainer.training.saving import write_lora_adapters
 from tests.models import make_model
 
 

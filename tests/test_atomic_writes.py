@@ -19,9 +19,9 @@ from higgs_trainer import (
     merge_adapter,
     verify_adapter,
 )
-from higgs_trainer.atomic import staged_directory
-from higgs_trainer.resuming import is_adapter_only_checkpoint, load_lora_adapters
-from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
+from higgs_trainer.files.atomic import staged_directory
+from higgs_trainer.training.resuming import is_adapter_only_checkpoint, load_lora_adapters
+from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import assert_one_line_error, run_cli
 from tests.filesystems import mode_of, small_tmpfs, umask
 from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
@@ -174,3 +174,14 @@ def test_a_link_or_file_where_the_adapter_goes_is_refused_before_writing(compone
     assert "intact" in str(info.value)
     assert target.is_symlink() == (kind == "symlink") and (elsewhere / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["lora_adapters"]  # no residue, nothing installed
+
+
+def test_convert_on_a_full_disk_names_the_output(tmp_path, capsys):
+    from tests.test_convert import TINY_BOSON_CONFIG, write_model
+
+    write_model(tmp_path / "boson", TINY_BOSON_CONFIG, "boson")
+    with small_tmpfs(tmp_path / "full", "16k") as full:
+        code, _, err = run_cli(capsys, "convert", tmp_path / "boson", "--to", "transformers", "-o", full / "hf")
+        assert code == 1
+        assert_one_line_error(err, f"writing {full / 'hf'} failed: [Errno 28] No space left on device")
+        assert list(full.iterdir()) == []

@@ -14,8 +14,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
-from higgs_trainer import extraction
-from higgs_trainer.saving import clone_shared_tensors
+from higgs_trainer.extract import extraction
+from higgs_trainer.training.saving import clone_shared_tensors
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import (
     HIGGS_STACK,
@@ -206,8 +206,9 @@ def test_missing_path_is_a_usage_error(tmp_path, capsys):
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("hello")
-    code, _, err = run_cli(capsys, "extract", tmp_path, "-o", tmp_path / "out", "--lora-alpha", ALPHA)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("hello")
+    code, _, err = run_cli(capsys, "extract", tmp_path / "notes", "-o", tmp_path / "out", "--lora-alpha", ALPHA)
     assert code == 1
     assert_one_line_error(err, "is not a checkpoint")
 
@@ -272,7 +273,10 @@ def test_disk_full_leaves_nothing_half_written(checkpoint, tmp_path, capsys, mon
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "extract", tmp_path, "-o", tmp_path / "out", "--lora-alpha", ALPHA, "--debug")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        capsys, "extract", tmp_path / "empty", "-o", tmp_path / "out", "--lora-alpha", ALPHA, "--debug"
+    )
     assert code == 1
     assert "Traceback" in err and "is not a checkpoint" in err.strip().splitlines()[-1]
 
@@ -391,3 +395,22 @@ def test_trainable_token_deltas_are_refused(checkpoint, tmp_path, capsys):
     assert code == 1
     assert_one_line_error(err, "trainable token deltas")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_old_adapters_task_type_is_not_carried_over(checkpoint, tmp_path, capsys):
+    # The community scripts' CAUSAL_LM made PeftModel.from_pretrained build a PeftModelForCausalLM around the component.
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    (tmp_path / "run_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(
+        capsys, "extract", checkpoint, "-o", tmp_path / "out", "--adapter-config", tmp_path / "run_config.json"
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] is None
+    loaded = PeftModel.from_pretrained(tiny_base_model(), str(tmp_path / "out"))
+    assert type(loaded) is PeftModel

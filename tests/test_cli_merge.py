@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from higgs_trainer import HiggsLoraTrainer, merging
+from higgs_trainer import HiggsLoraTrainer
+from higgs_trainer.files import support_files
 from tests.cli import assert_one_line_error, rename_lora_modules, run_cli
 from tests.models import (
     HIGGS_STACK,
@@ -161,7 +162,7 @@ def test_compare_reports_the_logit_difference(bases, adapter_dir, tmp_path, caps
 
 
 def test_boson_multimodal_is_imported_only_to_merge_a_higgs_model():
-    code = "import sys, higgs_trainer.cli, higgs_trainer.merging; print('boson_multimodal' in sys.modules)"
+    code = "import sys, higgs_trainer.cli.verify, higgs_trainer.cli.extract, higgs_trainer.cli.merge, higgs_trainer.cli.convert; print('boson_multimodal' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -241,7 +242,7 @@ def test_disk_full_leaves_nothing_half_written(bases, adapter_dir, tmp_path, cap
         pathlib.Path(target).write_bytes(b"\0" * 10)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
-    monkeypatch.setattr(merging.shutil, "copy2", copy_on_a_full_disk)
+    monkeypatch.setattr(support_files.shutil, "copy2", copy_on_a_full_disk)
     (tmp_path / "out").mkdir()
     code, _, err = run_cli(
         capsys, "merge", "--base", bases[torch.float32], "--adapter", adapter_dir, "-o", tmp_path / "out" / "m"
@@ -320,9 +321,18 @@ def test_json_output_is_one_document_when_libraries_print_on_import(bases, adapt
     """A fresh process, where loading the model first imports DeepSpeed (and boson_multimodal on the Higgs stack), which
     print to stdout: the command's stdout is still only its JSON."""
     argv = ["merge", "--base", str(bases[torch.float32]), "--adapter", str(adapter_dir), "-o", str(tmp_path / "m")]
-    script = "import sys, higgs_trainer_cli; sys.argv[1:] = " + repr([*argv, "--compare", "--json"])
-    script += "; raise SystemExit(higgs_trainer_cli.main())"
+    script = "import sys; from higgs_trainer.cli import main; sys.argv[1:] = " + repr([*argv, "--compare", "--json"])
+    script += "; raise SystemExit(main())"
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["compare"]["adapter_vs_merged"]["max_abs"] < 1e-3
+
+
+def test_output_inside_an_input_is_refused(bases, adapter, capsys):
+    base = bases[torch.float32]
+    before = sorted(p.name for p in base.iterdir())
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", base / "merged")
+    assert code == 2
+    assert_one_line_error(err, "lies inside the input")
+    assert sorted(p.name for p in base.iterdir()) == before

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import HiggsLoraTrainer
 from tests.cli import rename_lora_modules, run_cli
+from tests.environment import missing
 from tests.models import RandomTokens, make_model, tiny_base_model, training_args
 
 WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +153,7 @@ def test_named_adapters_in_subdirectories_are_checked(adapter, capsys):
 def test_the_console_script_is_installed():
     script = pathlib.Path(sys.executable).parent / "higgs-trainer"
     if not script.exists():
-        pytest.skip("higgs-trainer is not installed in this environment (pip install -e .)")
+        missing("higgs-trainer is not installed in this environment (pip install -e .)")
     result = subprocess.run([str(script), "verify", "/nonexistent/path"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "higgs-trainer verify: error: /nonexistent/path does not exist"

@@ -19,9 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from higgs_trainer import CheckpointError, UsageError, convert_layout, layouts
+from higgs_trainer import CheckpointError, UsageError, convert_layout
+from higgs_trainer.convert import layouts
 from tests import higgs_layouts
 from tests.cli import assert_one_line_error, run_cli
+from tests.environment import missing
 from tests.models import HIGGS_STACK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +38,7 @@ def on_stack(layout: str, command: str, directory: Path) -> None:
         return
     python = os.environ.get(PYTHON_OF[layout])
     if not python:
-        pytest.skip(
-            f"{PYTHON_OF[layout]} is unset: the {layout} half runs on the other stack (scripts/test.sh sets it)"
-        )
+        missing(f"{PYTHON_OF[layout]} is unset: the {layout} half runs on the other stack (scripts/test.sh sets it)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [python, "-m", "tests.higgs_layouts", command, str(directory)],
@@ -274,7 +274,7 @@ def test_python_api_is_exported():
     import higgs_trainer
 
     assert higgs_trainer.convert_layout is convert_layout
-    assert sys.modules["higgs_trainer.convert"].convert_layout is convert_layout
+    assert sys.modules["higgs_trainer.convert.conversion"].convert_layout is convert_layout
 
 
 def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
@@ -283,3 +283,26 @@ def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
     assert code == 1
     assert_one_line_error(err, "audio tower")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("output", ["checkpoint-2/lora_adapters", "hf", ".", "lora_adapters"])
+def test_output_inside_or_equal_to_the_source_is_refused(tmp_path, capsys, output):
+    # `convert RUN --output RUN/checkpoint-2/lora_adapters --overwrite` once replaced that adapter with its conversion.
+    run = tmp_path / "run"
+    write_adapter(run / "lora_adapters", BOSON_MODULES)
+    write_adapter(run / "checkpoint-2" / "lora_adapters", BOSON_MODULES)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _out, err = run_cli(capsys, "convert", run, "--to", "transformers", "-o", run / output, "--overwrite")
+    assert code == 2
+    assert_one_line_error(err, "lies inside the input" if output != "." else "would replace the input")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_support_files_are_copied_like_merge_copies_them(tmp_path):
+    # convert once dropped generation_config.json (merge copied it): one list of support files now serves both.
+    write_model(tmp_path / "boson", TINY_BOSON_CONFIG, "boson")
+    for name in ("generation_config.json", "special_tokens_map.json", "README.md"):
+        (tmp_path / "boson" / name).write_text("{}")
+    result = convert_layout(tmp_path / "boson", "transformers", tmp_path / "hf")
+    assert result.copied == ["README.md", "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"]
+    assert (tmp_path / "hf" / "generation_config.json").read_text() == "{}"

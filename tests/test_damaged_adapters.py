@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
-from higgs_trainer.saving import write_lora_adapters
+from higgs_trainer.training.saving import write_lora_adapters
 from tests.cli import run_cli
 from tests.models import make_model, trained_like
 from tests.payloads import MaliciousPickle

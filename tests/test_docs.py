@@ -28,8 +28,8 @@ def test_every_public_name_has_a_docstring_with_an_example(name):
 def test_no_docstring_example_is_skipped():
     """Examples either run (doctests) or are plain code blocks that doctest does not collect; +SKIP hides rot."""
     skipped = [
-        f"{path.name}:{number}"
-        for path in sorted((DOCS.parent / "higgs_trainer").glob("*.py"))
+        f"{path.relative_to(DOCS.parent)}:{number}"
+        for path in sorted((DOCS.parent / "higgs_trainer").rglob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if "doctest: +SKIP" in line
     ]

@@ -11,8 +11,9 @@ import time
 import pytest
 from safetensors.torch import save_file
 
-from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, atomic, find_lora_model
-from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
+from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, find_lora_model
+from higgs_trainer.files import atomic
+from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
 from tests.cli import run_cli
 from tests.launch import ROOT
 from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
@@ -66,7 +67,7 @@ def test_a_signal_while_writing_removes_the_partial_output(
 
 
 def test_an_interrupt_while_the_command_is_still_importing_is_one_line(tmp_path):
-    script = "import higgs_trainer_cli; raise SystemExit(higgs_trainer_cli.main())"
+    script = "from higgs_trainer.cli import main; raise SystemExit(main())"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-c", script, "verify", str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from higgs_trainer import HiggsLoraTrainer, find_lora_model, verify_adapter
-from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.saving import clone_shared_tensors, expected_adapter_shapes
+from higgs_trainer.merge.base_model import model_init_kwargs
+from higgs_trainer.training.saving import clone_shared_tensors, expected_adapter_shapes
 from tests.cli import run_cli
 from tests.models import (
     SpeechSamples,
@@ -277,8 +277,8 @@ def _layout_shapes(**extra):
 
 
 def test_find_lora_layout_takes_the_trained_copies_and_refuses_empty_or_foreign_ones():
-    from higgs_trainer.checkpoint import find_lora_layout
     from higgs_trainer.errors import CheckpointError
+    from higgs_trainer.files.checkpoint import find_lora_layout
 
     layout = find_lora_layout(_layout_shapes(**{"model.base_model.model.head.modules_to_save.default.weight": (16, 8)}))
     assert layout.modules_to_save == ("head",)

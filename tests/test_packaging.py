@@ -24,7 +24,7 @@ from higgs_trainer._version import __version__
 ROOT = Path(__file__).resolve().parents[1]
 # What the build reads: setup.cfg's metadata files and the package (an sdist built from a copy of just these is
 # then unpacked and the wheel built from it, as `python -m build` does, so a file missing from the sdist fails here).
-BUILD_INPUTS = ["pyproject.toml", "setup.cfg", "README.md", "LICENSE", "higgs_trainer", "higgs_trainer_cli.py"]
+BUILD_INPUTS = ["pyproject.toml", "setup.cfg", "README.md", "LICENSE", "higgs_trainer"]
 # Imported by higgs_trainer but not a requirement: boson-multimodal only where a boson model is merged or loaded
 # (the user's Higgs setup installs it), deepspeed only under DeepSpeed (the `deepspeed` extra).
 OPTIONAL_IMPORTS = {"boson_multimodal": None, "deepspeed": "deepspeed"}
@@ -78,12 +78,13 @@ def test_sdist_and_wheel_carry_the_version_license_and_metadata(dists):
     assert {"LICENSE", "README.md", "setup.cfg", "pyproject.toml", "higgs_trainer/__init__.py"} <= names
     with zipfile.ZipFile(wheel) as archive:
         files = archive.namelist()
-        assert "higgs_trainer/_version.py" in files and "higgs_trainer/cli.py" in files
+        assert "higgs_trainer/_version.py" in files and "higgs_trainer/cli/main.py" in files
+        assert "higgs_trainer/merge/streaming.py" in files, "every subpackage is in the wheel"
         assert not any(f.startswith("tests/") for f in files), "the wheel must hold only the package"
         license_text = next(archive.read(f).decode() for f in files if f.endswith("dist-info/licenses/LICENSE"))
         entry_points = next(archive.read(f).decode() for f in files if f.endswith("dist-info/entry_points.txt"))
     assert "Apache License" in license_text and "END OF TERMS AND CONDITIONS" in license_text
-    assert "higgs-trainer = higgs_trainer_cli:main" in entry_points
+    assert "higgs-trainer = higgs_trainer.cli:main" in entry_points
     metadata = wheel_metadata(wheel)
     assert metadata["Version"] == __version__
     assert metadata["Requires-Python"] == ">=3.11"
@@ -95,7 +96,7 @@ def test_sdist_and_wheel_carry_the_version_license_and_metadata(dists):
 def third_party_imports():
     """Top-level module names imported anywhere in higgs_trainer/ that are not the standard library or the package."""
     names = set()
-    for path in (ROOT / "higgs_trainer").glob("*.py"):
+    for path in (ROOT / "higgs_trainer").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)

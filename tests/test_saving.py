@@ -20,10 +20,10 @@ from higgs_trainer import (
     SavedAdapter,
     find_lora_model,
     save_lora_adapters,
-    saving,
     verify_adapter,
 )
-from higgs_trainer.saving import clone_shared_tensors, write_lora_adapters
+from higgs_trainer.training import saving
+from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
 from tests.models import (
     RandomTokens,
     TwoComponents,
@@ -179,7 +179,7 @@ def test_a_previous_adapter_left_moved_aside_by_a_crash_is_restored(saved_once):
     component, out, before = saved_once
     # a process killed between the two renames leaves the previous adapter only as .lora_adapters.old-*
     os.rename(out / "lora_adapters", out / ".lora_adapters.old-deadbeef")
-    from higgs_trainer.atomic import remove_residue
+    from higgs_trainer.files.atomic import remove_residue
 
     remove_residue(out / "lora_adapters")
     assert snapshot(out / "lora_adapters") == before

@@ -8,6 +8,7 @@ LoRA weights, streams the merge, and compares every merged tensor with torch.equ
 import json
 import pathlib
 import shutil
+import sys
 
 import pytest
 import torch
@@ -15,11 +16,13 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from higgs_trainer import merging
-from higgs_trainer.merge_arithmetic import Scratch, merge_linear, row_blocks
-from higgs_trainer.merge_plan import LoraDelta
-from higgs_trainer.merging import model_init_kwargs
-from higgs_trainer.safetensors_files import read_base_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.files.safetensors_files import read_stored_tensors, safetensors_weight_files, shard_plan
+from higgs_trainer.merge import compare as merge_compare
+from higgs_trainer.merge import merging
+from higgs_trainer.merge import streaming as streaming_merge
+from higgs_trainer.merge.arithmetic import Scratch, merge_linear, row_blocks
+from higgs_trainer.merge.base_model import model_init_kwargs
+from higgs_trainer.merge.plan import LoraDelta
 from tests.cli import assert_one_line_error, run_cli
 from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 
@@ -81,7 +84,7 @@ def output_tensors(directory):
 
 
 def base_keys(directory):
-    return set(read_base_tensors(pathlib.Path(directory), safetensors_weight_files(pathlib.Path(directory))))
+    return set(read_stored_tensors(pathlib.Path(directory), safetensors_weight_files(pathlib.Path(directory))))
 
 
 def assert_bit_equal_to_peft(cls, base, adapter, out, dtype, changed_at_least=1):
@@ -375,3 +378,100 @@ def test_layers_whose_rows_are_not_a_multiple_of_the_block_merge_bit_for_bit(tmp
     code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
     assert code == 0, err
     assert_bit_equal_to_peft(type(model), base, adapter, tmp_path / "m", torch.float16, 7)
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "abc", "1e3", "5 parsecs", "0.5"])
+def test_a_max_shard_size_that_is_not_a_size_is_a_usage_error(tmp_path, capsys, size):
+    # These once gave "unexpected ValueError" after the adapter was verified, and 0 one file per tensor.
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    code, _, err = run_cli(
+        capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--max-shard-size", size
+    )
+    assert code == 2
+    assert_one_line_error(err, "argument --max-shard-size: max shard size")
+    assert "500MB, 5GB, 1.5GB, 2GiB" in err and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["streaming", "in-memory (pytorch_model.bin base)"])
+def test_max_shard_size_is_honoured_on_both_paths(tmp_path, capsys, in_memory):
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    if in_memory:  # a pickled base has no streaming path: the in-memory one once ignored --max-shard-size
+        torch.save(load_file(str(base / "model.safetensors")), base / "pytorch_model.bin")
+        (base / "model.safetensors").unlink()
+    total = sum(t.numel() * t.element_size() for t in llama().state_dict().values())
+    for size, out in (("0.02MB", "small"), (str(10 * total), "one")):
+        code, stdout, err = run_cli(
+            capsys,
+            "merge",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "-o",
+            tmp_path / out,
+            "--max-shard-size",
+            size,
+            "--json",
+        )
+        assert code == 0, err
+        assert json.loads(stdout)["method"] == ("in-memory" if in_memory else "streaming")
+    shards = sorted((tmp_path / "small").glob("model-*.safetensors"))
+    assert len(shards) > 3
+    for shard in shards:  # at most 20 kB of tensors, or one larger tensor alone
+        tensors = load_file(str(shard))
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+    assert json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [f.name for f in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+
+
+@pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal's collator, which imports librosa, is on the Higgs stack")
+def test_compare_without_librosa_keeps_the_merge_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    # Without librosa, `merge --compare` once threw the finished merge away ("unexpected ModuleNotFoundError").
+    base, adapter = save_pair(tmp_path, tiny_base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    monkeypatch.setitem(sys.modules, "librosa", None)  # `import librosa` raises ImportError, as when not installed
+    for name in [n for n in sys.modules if n.startswith("boson_multimodal.data_collator")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, so the collator's `import librosa` runs
+    code, stdout, err = run_cli(
+        capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--compare", "--json"
+    )
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and "librosa" in err, err
+    assert 'pip install "higgs-trainer[compare]"' in err
+    compare = json.loads(stdout)["compare"]
+    assert compare["base_vs_merged"]["max_abs"] > 1e-3 and compare["adapter_vs_merged"]["max_abs"] < 1e-3
+    assert "librosa" in compare["audio_probe_skipped"] and "audio_base_vs_merged" not in compare
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "m" / "merge_info.json").read_text())["compare"] == compare
+
+
+def test_a_failing_compare_keeps_the_merge_and_says_so(tmp_path, capsys, monkeypatch):
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    monkeypatch.setattr(merge_compare, "PeftModel", None)  # an AttributeError inside the check, after the merge
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m", "--compare")
+    assert code == 1
+    assert_one_line_error(err, f"the merged model in {tmp_path / 'm'} is complete (kept), but --compare failed")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "merge_info.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "failed: DefaultCPUAllocator"),
+        (MemoryError("out of memory"), "failed: out of memory"),
+        (TypeError("a bug"), "unexpected TypeError: a bug"),
+    ],
+)
+def test_every_failure_of_the_streaming_merge_is_one_line(tmp_path, capsys, monkeypatch, failure, message):
+    # Only OSError used to become a MergeError; a RuntimeError from torch was "unexpected".
+    base, adapter = save_pair(tmp_path, llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(streaming_merge, "merged_tensor", fails)
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "out" / "m")
+    assert code == 1
+    assert_one_line_error(err, message)
+    assert ("unexpected" in err) == isinstance(failure, TypeError)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -6,6 +6,7 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, LoraAdapterSavingMixin, verify_adapter
+from tests.environment import need_module
 from tests.launch import torchrun
 from tests.models import (
     HIGGS_STACK,
@@ -65,6 +66,6 @@ def test_a_model_compiled_by_the_trainer(tmp_path):
 
 
 def test_deepspeed_shims_are_idempotent_and_restore_what_they_replace(tmp_path):
-    pytest.importorskip("deepspeed")
+    need_module("deepspeed")
     output = torchrun("deepspeed_shims.py", tmp_path, nproc=1, env={"DS_ACCELERATOR": "cpu"})
     assert "shims ok" in output

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
-from higgs_trainer.saving import expected_adapter_shapes, write_lora_adapters
-from higgs_trainer.verification import check_adapter_tensors
+from higgs_trainer.training.saving import expected_adapter_shapes, write_lora_adapters
+from higgs_trainer.verification.checks import check_adapter_tensors
 from tests.models import TARGET_MODULES, make_model
 
 CONFIG = "adapter_config.json"

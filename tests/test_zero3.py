@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
+from tests.environment import need_module
 from tests.launch import torchrun
 from tests.models import (
     assert_resumed_exactly,
@@ -25,7 +26,7 @@ from tests.models import (
 
 HEADS = heads_to_save(tiny_base_model())
 
-pytest.importorskip("deepspeed")
+need_module("deepspeed")
 
 
 @pytest.fixture(scope="module")

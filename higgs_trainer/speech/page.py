@@ -28,7 +28,7 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from ..atomic import write_file_atomically
+from ..files.atomic import write_file_atomically
 from .run_samples import CheckpointSamples, RunSamples, Sample, read_run
 from .score_plot import score_plots
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, NoSpeechSamplesError, first_line
+from ..files.paths import existing_directory, read_json_object
+from ..files.runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
 from ..names import TRAINER_STATE
-from ..paths import existing_directory, read_json_object
-from ..runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from higgs_trainer import AdapterVerificationError, find_lora_model
-from higgs_trainer.gathering import gather_adapter_state_dict, is_sharded
-from higgs_trainer.saving import write_lora_adapters
+from higgs_trainer.training.gathering import gather_adapter_state_dict, is_sharded
+from higgs_trainer.training.saving import write_lora_adapters
 from tests.models import (
     TARGET_MODULES,
     SpeechSamples,

@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, HiggsTrainerError, UsageError
-from .names import ADAPTER_DIRNAME, CONFIG_NAME
+from ..errors import CheckpointError, HiggsTrainerError, UsageError
+from ..names import ADAPTER_DIRNAME, CONFIG_NAME
+from ..verification.checks import is_valid_alpha
 from .paths import own_adapter_dir, read_json_object
 from .pickles import pickled_attributes
-from .verification import is_valid_alpha
 
 logger = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ base, ...: `IN_MEMORY` names the path that goes through peft itself).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft.utils.other import get_pattern_key
 
-from .errors import AdapterVerificationError, MergeError, listed
-from .lora_keys import split_lora_key
-from .names import PEFT_KEY_PREFIX
-from .safetensors_files import StoredTensor
+from ..errors import AdapterVerificationError, MergeError, listed
+from ..files.safetensors_files import StoredTensor
+from ..lora_keys import split_lora_key
+from ..names import PEFT_KEY_PREFIX
 
 IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"
 
@@ -92,6 +92,46 @@ def check_streamable_config(config: Mapping, adapter_dir: Path) -> None:
         )
 
 
+def lora_target_weights(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """The base weights (and biases, for ``lora_bias``) the LoRA pairs of an adapter add a delta to.
+
+    Examples:
+        >>> sorted(lora_target_weights({"base_model.model.q.lora_A.weight": None, "base_model.model.q.lora_B.bias": None}))
+        ['q.bias', 'q.weight']
+    """
+    targets = set()
+    for key in tensors:
+        lora = split_lora_key(key)
+        if lora is not None and lora.is_matrix and lora.module.startswith(PEFT_KEY_PREFIX):
+            module = lora.module[len(PEFT_KEY_PREFIX) :]
+            targets.add(f"{module}.bias" if lora.rest[-1:] == ("bias",) else f"{module}.weight")
+    return targets
+
+
+def check_floating_targets(dtypes: Mapping[str, torch.dtype], targets: Iterable[str], base_dir: Path) -> None:
+    """Refuse (`MergeError`) a LoRA delta on a base tensor of an integer dtype: it would be rounded to whole numbers.
+
+    Both merge paths refuse it rather than merge in floating point: an integer weight under a LoRA is
+    a quantized one (its scales live elsewhere) or a mistake, and either way adding a float delta to
+    its raw values does not give the trained model.
+
+    Examples:
+        >>> check_floating_targets({"q.weight": torch.float16}, ["q.weight"], Path("base"))
+        >>> check_floating_targets({"q.weight": torch.int8}, ["q.weight"], Path("base"))
+        Traceback (most recent call last):
+        ...
+        higgs_trainer.errors.MergeError: cannot merge the adapter into base: its LoRA adds to q.weight is torch.int8, an integer dtype, where the delta would be rounded to whole numbers; merge into the floating-point original of the base (nothing written)
+    """
+    integer = [f"{t} is {dtypes[t]}" for t in sorted(targets) if t in dtypes and not dtypes[t].is_floating_point]
+    if integer:
+        more = f" and {len(integer) - 3} more" if len(integer) > 3 else ""
+        raise MergeError(
+            f"cannot merge the adapter into {base_dir}: its LoRA adds to {', '.join(integer[:3])}{more}, an integer "
+            "dtype, where the delta would be rounded to whole numbers; merge into the floating-point original of the "
+            "base (nothing written)"
+        )
+
+
 def _orientation(module: str, weight: StoredTensor, out_in: tuple[int, int]) -> bool | None:
     """Whether peft merges ``module`` transposed (a GPT-2 ``Conv1D``): from the shapes; None if only the config can say.
 
@@ -116,7 +156,7 @@ def plan_merge(
 
     Examples:
         ```python
-        plan = plan_merge(config, read_adapter_tensors(adapter), read_base_tensors(base, files), adapter)
+        plan = plan_merge(config, read_adapter_tensors(adapter), read_stored_tensors(base, files), adapter)
         sorted(plan.deltas)[0]  # 'layers.0.self_attn.q_proj.weight'
         ```
     """
@@ -216,4 +256,6 @@ def plan_merge(
         )
     for delta in ambiguous:
         delta.fan_in_fan_out = configured_fan_in_fan_out
+    base_dir = next(iter(stored.values())).file.parent if stored else Path("the base")
+    check_floating_targets({name: t.torch_dtype for name, t in stored.items()}, [*plan.deltas, *plan.bias], base_dir)
     return plan

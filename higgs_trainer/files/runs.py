@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .names import TRAINER_STATE
+from ..names import TRAINER_STATE
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
 

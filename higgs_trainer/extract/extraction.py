@@ -13,24 +13,25 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import save_file
 
-from .atomic import staged_directory
-from .checkpoint import (
+from ..errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
+from ..files.atomic import staged_directory
+from ..files.checkpoint import (
     CheckpointWeights,
     LoraLayout,
     LoraSettings,
     find_lora_layout,
     find_lora_settings,
 )
-from .errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
-from .names import SAFETENSORS_NAME
-from .paths import existing_directory, output_directory
-from .untrained import untrained_problem
-from .verification import configured_rank, human_size, lora_config_from_dict, verify_adapter
+from ..files.paths import existing_directory, output_directory
+from ..names import CONFIG_NAME, SAFETENSORS_NAME
+from ..verification.checks import configured_rank, human_size, lora_config_from_dict, verify_adapter
+from ..verification.untrained import untrained_problem
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ def _checked_config(layout: LoraLayout, settings: LoraSettings) -> LoraConfig:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the adapter config from {settings.source} is not a valid LoraConfig: {exc}") from exc
     config.inference_mode = True
+    # Not the old adapter's task_type: the tensors were found under the PEFT component's prefix, and the adapter loads
+    # onto that component (e.g. HiggsAudioModel), whose class the checkpoint does not record. A task type such as the
+    # community scripts' CAUSAL_LM makes PeftModel.from_pretrained build a PeftModelForCausalLM, which passes labels=
+    # the component does not take; None gives the plain PeftModel that fits any component.
+    config.task_type = None
     # What the config promises beyond lora_A/lora_B must be in the tensors extract copies, or the adapter loads wrong.
     unsupported = [
         name
@@ -168,12 +174,15 @@ def extract_adapter(
         >>> from pathlib import Path
         >>> Path("old_run/checkpoint-500").mkdir(parents=True)
         >>> save_file(wrapper.state_dict(), "old_run/checkpoint-500/model.safetensors")  # what Trainer writes for a wrapper
-        >>> extract_adapter("old_run/checkpoint-500", "old_run/checkpoint-500/lora_adapters", lora_alpha=32)
-        ExtractedAdapter(path='old_run/checkpoint-500/lora_adapters', checkpoint='old_run/checkpoint-500', prefix='model.', r=2, ...)
+        >>> extract_adapter("old_run/checkpoint-500", "rescued", lora_alpha=32)
+        ExtractedAdapter(path='rescued', checkpoint='old_run/checkpoint-500', prefix='model.', r=2, ...)
     """
     start = time.perf_counter()
     checkpoint = existing_directory(checkpoint, "checkpoint")
-    output = output_directory(output, overwrite, inputs=[checkpoint, *([adapter_config] if adapter_config else [])])
+    config_file = Path(adapter_config) if adapter_config else None
+    if config_file is not None and config_file.is_dir():
+        config_file = config_file / CONFIG_NAME  # the file read: an output beside it leaves it alone
+    output = output_directory(output, overwrite, inputs=[checkpoint, *([config_file] if config_file else [])])
     with CheckpointWeights(checkpoint) as weights:
         layout = find_lora_layout(weights.shapes, prefix)
         settings = find_lora_settings(checkpoint, lora_alpha, adapter_config)

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
+from ..names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
 from .atomic import find_directory
-from .errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
-from .names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[
     """``path`` as a ``Path`` after checking it may be written: absent, empty, or ``overwrite`` given.
 
     Refuses (`UsageError`) an output that is a file or a symbolic link, that is or contains the
-    current directory, or that is or contains one of ``inputs``: writing it replaces the whole
-    directory, so ``--overwrite`` must never reach what is being read.
+    current directory, or that is, contains or lies inside one of ``inputs`` (`check_apart`):
+    writing it replaces the whole directory, so ``--overwrite`` must never reach what is being read,
+    and a new directory inside an input would change what a later command reads there.
 
     Examples:
         >>> output_directory("/tmp/does-not-exist-yet", overwrite=False)
@@ -68,12 +69,33 @@ def output_directory(path: str | os.PathLike, overwrite: bool, inputs: Iterable[
     resolved = path.resolve()
     if Path.cwd().resolve().is_relative_to(resolved):
         raise UsageError(f"output {path} is (or contains) the current directory; name a new directory")
-    for source in inputs:
-        if Path(source).resolve().is_relative_to(resolved):
-            raise UsageError(f"output {path} would replace the input {source}; choose another output directory")
+    check_apart(path, inputs)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"output directory {path} exists and is not empty; choose another or pass --overwrite")
     return path if path.name not in ("", ".", "..") else resolved
+
+
+def check_apart(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """`UsageError` when ``output`` is, contains, or lies inside one of ``inputs`` (symbolic links resolved).
+
+    The one check every command that writes a directory (extract, merge, convert) makes before it
+    reads anything: an output that is or contains an input would replace it (``--overwrite``), and
+    one inside an input (``convert RUN --output RUN/hf``) adds to or replaces part of what it reads.
+
+    Examples:
+        >>> check_apart("merged", ["base", "run/lora_adapters"])
+        >>> check_apart("run/checkpoint-2/lora_adapters", ["run"])
+        Traceback (most recent call last):
+        ...
+        higgs_trainer.errors.UsageError: output run/checkpoint-2/lora_adapters lies inside the input run; choose a directory outside it
+    """
+    resolved = Path(output).resolve()
+    for source in inputs:
+        source_resolved = Path(source).resolve()
+        if source_resolved.is_relative_to(resolved):
+            raise UsageError(f"output {output} would replace the input {source}; choose another output directory")
+        if resolved.is_relative_to(source_resolved):
+            raise UsageError(f"output {output} lies inside the input {source}; choose a directory outside it")
 
 
 # adapter directories
@@ -234,6 +256,7 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "adapter_dirs_of",
+    "check_apart",
     "existing_directory",
     "holds_adapter_files",
     "output_directory",

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import HiggsTrainerError, listed
-from .lora_keys import LORA_MATRICES, split_lora_key
+from ..errors import HiggsTrainerError, listed
+from ..lora_keys import LORA_MATRICES, split_lora_key
 
 # What peft initialises to zero under a zero-start init: the "B" of a linear pair, the "A" of an embedding pair.
 _ZERO_AT_INIT = ("lora_B", "lora_embedding_A")

@@ -1,7 +1,9 @@
-"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge`` and ``convert``.
+"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge``, ``convert`` and ``listen``.
 
-Each subcommand calls one library function (`verification.inspect_path`,
-`extraction.extract_adapter`, `merging.merge_adapter`, `convert.convert_layout`) and prints what it did on
+Here: the argument parser, and running a command: each lives in a module of its own
+(`verify`, `extract`, `merge`, `convert`, `listen`), imported only once its arguments parsed (``--help`` and
+``--version`` import neither torch nor transformers), that calls one library function
+(`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`, `write_speech_page`) and prints what it did on
 stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
 error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM); an interrupted command
 removes what it had begun to write. Errors are one line on stderr; ``--debug`` adds the traceback.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
+import importlib
 import logging
 import os
 import signal
@@ -36,19 +38,12 @@ import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 
-import transformers
-
-from . import __version__
-from .atomic import find_directory
-from .convert import convert_layout
-from .errors import HiggsTrainerError, UsageError, first_line
-from .extraction import extract_adapter
-from .layouts import LAYOUTS
-from .merging import DTYPES, empty_base_model, merge_adapter
-from .paths import existing_directory
-from .verification import AdapterSummary, human_size, inspect_path
+from .._version import __version__
+from ..convert.layouts import LAYOUTS
+from ..errors import HiggsTrainerError, UsageError, first_line
+from ..files.sizes import parse_size
+from ..names import DTYPE_NAMES
 
 PROG = "higgs-trainer"
 
@@ -60,6 +55,14 @@ class _ArgumentError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints the whole usage and exits; one line is enough
         raise _ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _shard_size(text: str) -> int:
+    """``--max-shard-size``'s value in bytes; argparse turns the error into exit status 2."""
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("paths", nargs="+", metavar="PATH")
     verify.add_argument("--base", metavar="BASE_DIR", help="also check the adapters' modules against this base model")
-    verify.set_defaults(handler=_verify)
 
     extract = commands.add_parser(
         "extract",
@@ -105,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--adapter-config", metavar="FILE", help="the run's adapter_config.json (or its directory)")
     extract.add_argument("--prefix", help="wrapper prefix to take, when several PEFT components hold LoRA tensors")
     extract.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
-    extract.set_defaults(handler=_extract)
 
     merge = commands.add_parser(
         "merge",
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True, metavar="BASE_DIR", help="the base model directory")
     merge.add_argument("--adapter", required=True, metavar="DIR", help="adapter (or checkpoint) directory")
     merge.add_argument("--output", "-o", required=True, metavar="OUT", help="directory for the merged model")
-    merge.add_argument("--dtype", choices=sorted(DTYPES), help="save in this dtype (default: the base's own)")
+    merge.add_argument("--dtype", choices=DTYPE_NAMES, help="save in this dtype (default: the base's own)")
     merge.add_argument("--compare", action="store_true", help="compare base, adapter and merged logits on a probe")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     merge.add_argument(
@@ -129,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-memory", action="store_true", help="load the base model and merge with peft (default: stream the tensors)"
     )
     merge.add_argument(
-        "--max-shard-size", metavar="SIZE", help="largest weight file of the output, e.g. 5GB (default: transformers')"
+        "--max-shard-size",
+        type=_shard_size,
+        metavar="SIZE",
+        help="largest weight file of the output: bytes, or 500MB, 5GB, 1.5GB, 2GiB (default: transformers')",
     )
-    merge.set_defaults(handler=_merge)
 
     convert = commands.add_parser(
         "convert",
@@ -146,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
     convert.add_argument("--base", metavar="BASE_DIR", help="also load converted adapters onto this base with peft")
     convert.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
-    convert.set_defaults(handler=_convert)
 
     listen = commands.add_parser(
         "listen",
@@ -158,159 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("run", metavar="RUN", help="the run's output directory")
     listen.add_argument("--output", "-o", metavar="PAGE", help="write the page here instead of RUN/speech.html")
-    listen.set_defaults(handler=_listen)
     return parser
-
-
-# the subcommands
-
-
-def _summary_line(summary: AdapterSummary) -> str:
-    if not summary.ok:
-        return f"FAIL {summary.path}"
-    targets = ", ".join(summary.target_modules)
-    saved = f"; modules_to_save {', '.join(summary.modules_to_save)}" if summary.modules_to_save else ""
-    return (
-        f"PASS {summary.path}: {summary.num_tensors} tensors, {summary.num_parameters:,} parameters, "
-        f"{human_size(summary.num_bytes)}; r={summary.r}, lora_alpha={summary.lora_alpha}; targets {targets}{saved}"
-    )
-
-
-def _verify(args: argparse.Namespace) -> int:
-    echo = args.echo
-    for path in args.paths:
-        if not find_directory(path).exists():
-            raise UsageError(f"{path} does not exist")
-    base_model = empty_base_model(existing_directory(args.base, "base model")) if args.base else None
-    summaries = [summary for path in args.paths for summary in inspect_path(path, base_model)]
-    failed = [s for s in summaries if not s.ok]
-    if args.json:
-        results = [dict(asdict(s), ok=s.ok) for s in summaries]
-        echo(json.dumps({"ok": not failed, "base": args.base, "results": results}, indent=2))
-    else:
-        for summary in summaries:
-            echo(_summary_line(summary))
-            for problem in summary.problems:
-                echo(f"  - {problem}")
-        echo(f"{len(summaries) - len(failed)} passed, {len(failed)} failed")
-    if failed:
-        print(f"{PROG} verify: {len(failed)} of {len(summaries)} adapter(s) failed verification", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _extract(args: argparse.Namespace) -> int:
-    echo = args.echo
-    result = extract_adapter(
-        args.checkpoint,
-        args.output,
-        lora_alpha=args.lora_alpha,
-        adapter_config=args.adapter_config,
-        prefix=args.prefix,
-        overwrite=args.overwrite,
-    )
-    if args.json:
-        echo(json.dumps(asdict(result), indent=2))
-        return 0
-    targets = result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
-    echo(
-        f"Extracted {result.num_tensors} LoRA tensors ({result.num_parameters:,} parameters, "
-        f"{human_size(result.num_bytes)}) from {result.checkpoint} (prefix {result.prefix!r}, "
-        f"{human_size(result.checkpoint_bytes)} of weights) into {result.path} in {result.seconds:.2f} s"
-    )
-    echo(f"  r={result.r}, lora_alpha={result.lora_alpha:g} (from {result.alpha_source}); targets {targets}")
-    if result.modules_to_save:
-        echo(f"  modules_to_save (trained copies taken whole): {', '.join(result.modules_to_save)}")
-    echo(f"  load it with PeftModel.from_pretrained(base_model, {result.path!r})")
-    return 0
-
-
-def _merge(args: argparse.Namespace) -> int:
-    echo = args.echo
-    max_shard_size = args.max_shard_size
-    if max_shard_size is not None:
-        max_shard_size = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
-    result = merge_adapter(
-        args.base,
-        args.adapter,
-        args.output,
-        dtype=args.dtype,
-        compare=args.compare,
-        overwrite=args.overwrite,
-        allow_untrained=args.allow_untrained,
-        streaming=False if args.in_memory else None,
-        max_shard_size=max_shard_size,
-    )
-    comparison = result.compare
-    if comparison and comparison["base_vs_merged"]["max_abs"] == 0:
-        logging.getLogger(__name__).warning("the merge changed no logit on the probe: is the adapter trained?")
-    if args.json:
-        echo(json.dumps(asdict(result), indent=2))
-        return 0
-    saved = f", {len(result.modules_to_save)} modules_to_save" if result.modules_to_save else ""
-    echo(
-        f"Merged {result.adapter} ({result.merged_modules} LoRA modules{saved}) into {result.base} ({result.model_class}, "
-        f"{result.dtype}) -> {result.path} ({human_size(result.num_bytes)}) in {result.seconds:.1f} s ({result.method})"
-    )
-    if comparison:
-        base, adapter = comparison["base_vs_merged"], comparison["adapter_vs_merged"]
-        echo(
-            f"  logits on a {comparison['probe_tokens']}-token probe: base vs merged max |diff| {base['max_abs']:.4g} "
-            f"(mean {base['mean_abs']:.4g}); adapter vs merged max |diff| {adapter['max_abs']:.4g}"
-        )
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    echo = args.echo
-    result = convert_layout(args.source, args.to, args.output, base=args.base, overwrite=args.overwrite)
-    if args.json:
-        echo(json.dumps(asdict(result), indent=2))
-        return 0
-    what = "model" if result.kind == "model" else f"{len(result.outputs)} adapter(s)"
-    echo(
-        f"Converted {what} ({result.num_tensors} tensors, {result.renamed} renamed) from {result.source} to the "
-        f"{result.to} layout in {result.path} in {result.seconds:.2f} s"
-    )
-    for path in result.outputs if result.kind == "adapters" else []:
-        echo(f"  {path}")
-    if result.concatenated:
-        echo(f"  joined boson's split weights into {', '.join(result.concatenated)}")
-    if result.skipped:
-        echo(f"  skipped {len(result.skipped)} buffer(s) recomputed from the config")
-    if result.verified_on_base:
-        echo(f"  loads onto {args.base} with zero missing and zero unexpected adapter keys")
-    return 0
-
-
-def _listen(args: argparse.Namespace) -> int:
-    from .speech.page import write_speech_page
-    from .speech.run_samples import read_run
-    from .speech.run_table import format_table
-
-    page = write_speech_page(args.run, args.output)
-    run = read_run(args.run)
-    if args.json:
-        rows = [
-            {
-                "checkpoint": c.name,
-                "step": c.step,
-                "loss": c.loss,
-                "metrics": c.metrics,
-                "samples": {
-                    name: {"seconds": s.seconds, "flags": list(s.flags), "error": s.error, "scores": s.scores}
-                    for name, s in c.samples.items()
-                },
-            }
-            for c in run.checkpoints
-        ]
-        args.echo(
-            json.dumps({"page": str(page), "best_checkpoint": run.best_checkpoint, "checkpoints": rows}, indent=2)
-        )
-        return 0
-    args.echo(format_table(run))
-    args.echo(f"page: {page} (open it in a browser; it needs no server)")
-    return 0
 
 
 # running
@@ -355,6 +205,8 @@ def _interruptible() -> Iterator[None]:
 @contextlib.contextmanager
 def _console(verbose: bool, debug: bool) -> Iterator[None]:
     """Logging to stderr for the run (WARNING, INFO with --verbose, DEBUG with --debug); library chatter off."""
+    import transformers  # the command module has imported it already; --help and --version never get here
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
     package = logging.getLogger("higgs_trainer")
@@ -411,13 +263,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: name a command: verify, extract, merge, convert or listen", file=sys.stderr)
         return 2
+    try:  # the command's module imports torch and transformers: seconds in which a Ctrl-C must be one line too
+        command = importlib.import_module(f"{__package__}.{args.command}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     # What the command prints goes to stdout; anything else printed meanwhile (DeepSpeed and boson_multimodal log to
     # stdout when first imported) goes to stderr, so `--json` output stays one JSON document.
     stdout = sys.stdout
     args.echo = functools.partial(print, file=stdout)
+    args.complain = functools.partial(print, f"{PROG} {args.command}:", file=sys.stderr)
     with _console(args.verbose, args.debug), _interruptible(), contextlib.redirect_stdout(sys.stderr):
         try:
-            return args.handler(args)
+            return command.run(args)
         except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
             return 1

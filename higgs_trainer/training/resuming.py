@@ -14,12 +14,12 @@ from pathlib import Path
 
 from peft.utils import set_peft_model_state_dict
 
-from .atomic import find_directory
+from ..errors import AdapterVerificationError, HiggsTrainerError
+from ..files.atomic import find_directory
+from ..files.paths import own_adapter_dir, read_adapter_tensors
+from ..files.runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
+from ..names import ADAPTER_ONLY_MARKER, TRAINER_STATE
 from .discovery import LoraComponent
-from .errors import AdapterVerificationError, HiggsTrainerError
-from .names import ADAPTER_ONLY_MARKER, TRAINER_STATE
-from .paths import own_adapter_dir, read_adapter_tensors
-from .runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def load_lora_adapters(component: LoraComponent, adapter_dir: str | os.PathLike)
         >>> wrapper = torch.nn.Module()  # a community-style wrapper; its .model becomes the PeftModel
         >>> wrapper.model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
         >>> from higgs_trainer import find_lora_model
-        >>> from higgs_trainer.saving import write_lora_adapters
+        >>> from higgs_trainer.training.saving import write_lora_adapters
         >>> component = find_lora_model(wrapper)
         >>> _ = write_lora_adapters(component, "out/checkpoint-2")
         >>> with torch.no_grad():

@@ -21,14 +21,14 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .atomic import staged_directory
+from ..errors import AdapterSaveError, AdapterVerificationError
+from ..files.atomic import staged_directory
+from ..lora_keys import split_lora_key
+from ..names import ADAPTER_DIRNAME, SAFETENSORS_NAME
+from ..verification.checks import human_size, verify_adapter
+from ..verification.untrained import untrained_problem
 from .discovery import LoraComponent
-from .errors import AdapterSaveError, AdapterVerificationError
 from .gathering import has_fsdp1_units
-from .lora_keys import split_lora_key
-from .names import ADAPTER_DIRNAME, SAFETENSORS_NAME
-from .untrained import untrained_problem
-from .verification import human_size, verify_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ files the run saved, and refuses rather than guess.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,16 +22,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .discovery import canonical_name
-from .errors import CheckpointError, UsageError, first_line, listed
-from .lora_keys import split_lora_key
-
-# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
-from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
-from .names import (
+from ..errors import CheckpointError, UsageError, first_line, listed
+from ..lora_keys import split_lora_key
+from ..names import (
     ADAPTER_DIRNAME,
     LORA_PAIRS,
     PEFT_KEY_PREFIX,
@@ -42,8 +36,13 @@ from .names import (
     SAFE_WEIGHTS,
     SAFETENSORS_NAME,
 )
+from ..training.discovery import canonical_name
+
+# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
+from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
 from .paths import existing_directory, holds_adapter_files, output_directory
 from .pickles import pickled_attributes
+from .safetensors_files import StoredTensor, read_stored_tensors, read_tensor, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -88,26 +87,35 @@ class CheckpointWeights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._file_of: dict[str, Path] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        safetensors = [f for f in self.files if f.suffix == ".safetensors"]  # all or none of them
+        self._stored: dict[str, StoredTensor] = (
+            read_stored_tensors(self.directory, safetensors, "the checkpoint") if safetensors else {}
+        )
+        for key, tensor in self._stored.items():
+            self.shapes[key], self._file_of[key] = tensor.shape, tensor.file
         for file in self.files:
-            for key, shape in self._read_shapes(file).items():
-                self.shapes[key] = shape
-                self._file_of[key] = file
+            if file.suffix == ".safetensors":
+                continue
+            self._pickles[file] = state = _load_pickle(file)
+            for key, value in state.items():
+                if key in self.shapes:
+                    raise CheckpointError(
+                        f"cannot load the checkpoint from {self.directory}: tensor {key!r} is stored twice "
+                        f"({self._file_of[key].name} and {file.name}); keep one copy"
+                    )
+                self.shapes[key], self._file_of[key] = tuple(value.shape), file
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype of each tensor as stored, from the headers (a pickle's from its memory map)."""
+        dtypes = {key: tensor.torch_dtype for key, tensor in self._stored.items()}
+        dtypes.update({key: value.dtype for state in self._pickles.values() for key, value in state.items()})
+        return dtypes
 
     @property
     def num_bytes(self) -> int:
         """Bytes on disk of the weight files."""
         return sum(f.stat().st_size for f in self.files)
-
-    def _read_shapes(self, file: Path) -> dict[str, tuple[int, ...]]:
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as reader:
-                    return {key: tuple(reader.get_slice(key).get_shape()) for key in reader.keys()}
-            except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
-                raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {first_line(exc)}") from exc
-        state = _load_pickle(file)
-        self._pickles[file] = state
-        return {key: tuple(value.shape) for key, value in state.items()}
 
     def read(self, keys: Iterable[str], desc: str = "reading LoRA tensors") -> dict[str, torch.Tensor]:
         """Copies of the tensors under ``keys``, each file opened once.
@@ -129,13 +137,9 @@ class CheckpointWeights:
                         tensors[key] = self._pickles[file][key].clone()  # out of the memory map
                         bar.update()
                     continue
-                try:
-                    with safe_open(str(file), framework="pt", device="cpu") as reader:
-                        for key in file_keys:
-                            tensors[key] = reader.get_tensor(key)
-                            bar.update()
-                except Exception as exc:
-                    raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {first_line(exc)}") from exc
+                for key in file_keys:
+                    tensors[key] = read_tensor(self._stored[key])
+                    bar.update()
         return tensors
 
     def close(self) -> None:
@@ -151,22 +155,9 @@ class CheckpointWeights:
 
 def _weight_files(directory: Path) -> list[Path]:
     """The full-weight files of a checkpoint directory, or a clear error saying why there are none."""
-    for index_name, single in ((SAFE_INDEX, SAFE_WEIGHTS), (PICKLE_INDEX, PICKLE_WEIGHTS)):
-        index = directory / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
-                if not all(isinstance(name, str) and name and "/" not in name for name in names):
-                    raise ValueError("weight_map values must be file names in the checkpoint directory")
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index} is not a valid shard index: {first_line(exc)}") from exc
-            missing = [n for n in names if not (directory / n).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} names {len(missing)} shard(s) that are missing: {listed(missing)}")
-            return [directory / n for n in names]
-        if (directory / single).is_file():
-            return [directory / single]
+    files = weight_files(directory, SAFE_INDEX, SAFE_WEIGHTS) or weight_files(directory, PICKLE_INDEX, PICKLE_WEIGHTS)
+    if files:
+        return files
     if holds_adapter_files(directory):
         raise CheckpointError(
             f"{directory} holds an adapter ({SAFETENSORS_NAME}), not full weights: nothing to extract; "

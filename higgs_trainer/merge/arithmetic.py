@@ -6,7 +6,7 @@ place to the weight (``weight += delta``: the sum rounded once to the weight's d
 embedding's delta is cast to the weight's dtype first (``weight += delta.to(dtype)``);
 ``lora_bias`` adds ``bias_B * scaling``; a ``modules_to_save`` weight is the adapter's, cast to
 the weight's dtype. ``scaling`` is ``lora_alpha / r`` (``/ sqrt(r)`` for rsLoRA), per module
-(`merge_plan`). The same operations on each element are done here faster: a linear weight a
+(`plan`). The same operations on each element are done here faster: a linear weight a
 block of rows at a time, and the mixed-dtype add in vectorised steps.
 """
 
@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from .errors import MergeError
-from .merge_plan import LoraDelta, MergePlan
-from .safetensors_files import StoredTensor, read_tensor
+from ..errors import MergeError
+from ..files.safetensors_files import StoredTensor, read_tensor
+from .plan import LoraDelta, MergePlan
 
 logger = logging.getLogger(__name__)
 

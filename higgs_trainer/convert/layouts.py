@@ -26,7 +26,7 @@ import copy
 import re
 from collections.abc import Mapping
 
-from .errors import CheckpointError, listed
+from ..errors import CheckpointError, listed
 
 BOSON, TRANSFORMERS = "boson", "transformers"
 LAYOUTS = (BOSON, TRANSFORMERS)

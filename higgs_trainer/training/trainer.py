@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, PeftType
 from transformers import PreTrainedModel, Trainer
 
-from ._compat import (
+from .._compat import (
     allow_missing_frozen_parameters,
     check_accelerate_can_unwrap,
     exclude_frozen_parameters_on_save,
@@ -26,14 +26,14 @@ from ._compat import (
     reregister_fsdp1_original_parameters,
     rng_state_safe_globals,
 )
-from .atomic import check_replaceable
+from ..errors import HiggsTrainerError, listed
+from ..files.atomic import check_replaceable
+from ..names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
+from ..verification.untrained import LIKELY_CAUSES, check_lora_trainable
 from .discovery import LoraComponent, canonical_name, find_lora_model, unwrap_model
-from .errors import HiggsTrainerError, listed
 from .gathering import gather_adapter_state_dict, is_sharded
-from .names import ADAPTER_DIRNAME, ADAPTER_ONLY_MARKER
 from .resuming import checkpoint_to_resume, is_adapter_only_checkpoint, load_lora_adapters
 from .saving import SavedAdapter, clone_shared_tensors, write_lora_adapters
-from .untrained import LIKELY_CAUSES, check_lora_trainable
 
 logger = logging.getLogger(__name__)
 

@@ -18,19 +18,19 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from .errors import AdapterVerificationError, first_line, listed
-from .lora_keys import LoraKey, split_lora_key
-from .names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
+from ..errors import AdapterVerificationError, first_line, listed
 
 # Path resolution and file reading moved to .paths; importable from here as before.
-from .paths import (
+from ..files.paths import (
     adapter_dirs_of,
     holds_adapter_files,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
 )
-from .runs import CHECKPOINT_NAME, is_complete_checkpoint
+from ..files.runs import CHECKPOINT_NAME, is_complete_checkpoint
+from ..lora_keys import LoraKey, split_lora_key
+from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
 from .untrained import untrained_problem
 
 logger = logging.getLogger(__name__)

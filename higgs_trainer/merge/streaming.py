@@ -2,9 +2,9 @@
 
 The base model is never built: its ``config.json`` is copied (with the dtype recorded) and its
 weights are read tensor by tensor from ``model.safetensors`` (or the shards an index names). A
-weight with a LoRA pair gets peft's delta added (`merge_arithmetic`, bit for bit peft's), a
+weight with a LoRA pair gets peft's delta added (`arithmetic`, bit for bit peft's), a
 ``modules_to_save`` weight (or an embedding peft saved beside its LoRA) is replaced by the
-adapter's, and every other tensor's bytes are copied unchanged (`merge_plan` says which is
+adapter's, and every other tensor's bytes are copied unchanged (`plan` says which is
 which). Reading, computing and writing overlap on three threads, so memory follows the largest
 tensor, not the model, and time follows the disk.
 """
@@ -22,16 +22,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers.utils.hub import convert_file_size_to_int
 
-from .atomic import staged_directory
-from .checkpoint import progress_bar
-from .errors import CheckpointError, HiggsTrainerError, MergeError, first_line
-from .merge_arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
-from .merge_compare import compare_outputs
-from .merge_plan import MergePlan, plan_merge
-from .names import SAFE_INDEX, SAFE_WEIGHTS
-from .safetensors_files import (
+from ..errors import PROGRAMMING_ERRORS, CheckpointError, HiggsTrainerError, MergeError, first_line
+from ..files.atomic import staged_directory
+from ..files.checkpoint import progress_bar
+from ..files.safetensors_files import (
     DTYPE_NAMES,
     StoredTensor,
     copy_bytes,
@@ -42,6 +37,14 @@ from .safetensors_files import (
     write_all,
     write_tensor,
 )
+from ..files.sizes import parse_size
+from ..files.support_files import copy_support_files
+from ..names import SAFE_INDEX, SAFE_WEIGHTS
+from ..verification.checks import human_size, saved_modules
+from .arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
+from .compare import compare_outputs
+from .plan import MergePlan, plan_merge
+from .result import MergeResult, merge_info
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +282,9 @@ def stream_merge(
 
     Called by `merging.merge_adapter` after it checked the paths and the adapter; returns its
     `MergeResult`. ``config`` and ``tensors`` are the adapter's, ``stored`` the base's tensors
-    (`read_base_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
+    (`safetensors_files.read_stored_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
     ``"5GB"``) defaults to that of the installed transformers' ``save_pretrained``. ``check`` (of the
-    base, `merging.check_base_complete`) runs on a thread while the merge streams (it imports and
+    base, `base_model.check_base_complete`) runs on a thread while the merge streams (it imports and
     builds the model on the meta device, about a second) and must pass before anything is committed.
 
     Examples:
@@ -289,11 +292,8 @@ def stream_merge(
         merge_adapter("base", "out/lora_adapters", "merged").method  # 'streaming' for a safetensors base
         ```
     """
-    from .merging import MergeResult, copy_support_files, merge_info
-    from .verification import human_size, saved_modules
-
     start = time.perf_counter()
-    limit = convert_file_size_to_int(default_max_shard_size() if max_shard_size is None else max_shard_size)
+    limit = parse_size(default_max_shard_size() if max_shard_size is None else max_shard_size)
     plan = plan_merge(config, tensors, stored, adapter_dir)
     saved, _ = saved_modules(config, tensors)  # modules_to_save: their weights are among plan.replace
     out_dtype = _dtype_of(stored, dtype)
@@ -320,13 +320,24 @@ def stream_merge(
             base_config = write_config(base_dir, staging, dtype_name)
             info["model_class"] = model_class_name(base_config)
             copied = copy_support_files(base_dir, staging)
-            if compare:
-                info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
+            compare_failed = None
+            if compare:  # a failed check never throws the finished merge away: it is reported after the commit
+                try:
+                    info["compare"] = compare_outputs(base_dir, adapter_dir, staging)
+                except Exception as exc:
+                    compare_failed = exc
             (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    except HiggsTrainerError:
+    except (HiggsTrainerError, *PROGRAMMING_ERRORS):
         raise
     except OSError as exc:
         raise MergeError(f"writing the merged model to {output} failed: {first_line(exc)} (nothing written)") from exc
+    except Exception as exc:  # torch's RuntimeError, MemoryError, ...: one line, nothing written
+        raise MergeError(f"merging {adapter_dir} into {base_dir} failed: {first_line(exc)} (nothing written)") from exc
+    if compare_failed is not None:
+        raise MergeError(
+            f"the merged model in {output} is complete (kept), but --compare failed: {type(compare_failed).__name__}: "
+            f"{first_line(compare_failed)}"
+        ) from compare_failed
     result = MergeResult(
         path=str(output),
         base=str(base_dir),

@@ -20,26 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import layouts
-from .atomic import staged_directory
-from .errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
-from .layouts import BOSON, LAYOUTS, TRANSFORMERS
-from .lora_keys import split_lora_key
-from .merging import copy_support_files
-from .names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from .paths import (
+from ..errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
+from ..files.atomic import staged_directory
+from ..files.paths import (
     adapter_dirs_of,
     existing_directory,
     holds_adapter_files,
@@ -48,18 +40,22 @@ from .paths import (
     read_adapter_tensors,
     read_json_object,
 )
-from .safetensors_files import header_bytes, safetensors_weight_files
-from .verification import lora_config_from_dict
+from ..files.safetensors_files import (
+    StoredTensor,
+    header_bytes,
+    read_safetensors_header,
+    read_stored_tensors,
+    read_tensor,
+    safetensors_weight_files,
+)
+from ..files.support_files import copy_support_files
+from ..lora_keys import split_lora_key
+from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
+from ..verification.checks import lora_config_from_dict
+from . import layouts
+from .layouts import BOSON, LAYOUTS, TRANSFORMERS
 
 logger = logging.getLogger(__name__)
-
-# Tokenizer and processor files, copied as they are (generation_config.json is layout-specific: not copied).
-SUPPORT_FILES = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-    "chat_template.*", "processor_config.json", "preprocessor_config.json", "README.md",
-)  # fmt: skip
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 
 
 @dataclass
@@ -123,18 +119,21 @@ def convert_layout(
         raise UsageError("--base checks converted adapters; converting a model needs none (leave it out)")
     base_model = _empty_model(base, to) if base is not None else None
     result = ConvertResult(source=str(source), path=str(output), to=to, kind="", outputs=[], num_tensors=0, renamed=0)
-    with staged_directory(output) as staging:
-        if is_model:
-            result.kind = "model"
-            _convert_model(source, staging, to, result)
-            result.outputs = [str(output)]
-        else:
-            adapters = _adapter_dirs(source)
-            result.kind = "adapter" if adapters == [source] else "adapters"
-            for directory in adapters:
-                relative = directory.relative_to(source)
-                _convert_adapter(directory, staging / relative, to, result, base_model)
-                result.outputs.append(str(output / relative))
+    try:
+        with staged_directory(output) as staging:
+            if is_model:
+                result.kind = "model"
+                _convert_model(source, staging, to, result)
+                result.outputs = [str(output)]
+            else:
+                adapters = _adapter_dirs(source)
+                result.kind = "adapter" if adapters == [source] else "adapters"
+                for directory in adapters:
+                    relative = directory.relative_to(source)
+                    _convert_adapter(directory, staging / relative, to, result, base_model)
+                    result.outputs.append(str(output / relative))
+    except OSError as exc:  # a full disk: say where (the OSError of a write names no file)
+        raise HiggsTrainerError(f"writing {output} failed: {first_line(exc)} (nothing written)") from exc
     result.verified_on_base = base_model is not None
     result.seconds = time.perf_counter() - started
     logger.info("Converted %s to the %s layout in %s", source, to, output)
@@ -256,7 +255,7 @@ def _convert_adapter(
     target.mkdir(parents=True, exist_ok=True)
     save_file(converted, str(target / SAFETENSORS_NAME), metadata={"format": "pt"})
     (target / CONFIG_NAME).write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-    result.copied += copy_support_files(source, target, SUPPORT_FILES)
+    result.copied += copy_support_files(source, target)
     result.num_tensors += len(converted)
     result.renamed += sum(_new_key(k, to) != k for k in tensors)
 
@@ -379,28 +378,20 @@ def _weight_files(directory: Path) -> list[Path]:
 
 @dataclass
 class _Planned:
-    """One output tensor: its new key, shape and dtype, and the (file, key) parts it is read from (two when joined)."""
+    """One output tensor: its new key, shape and dtype, and the stored tensors it is read from (two when joined)."""
 
     key: str
     shape: tuple[int, ...]
     dtype: str
-    parts: list[tuple[Path, str]]
+    parts: list[StoredTensor]
 
 
-def _plan(
-    files: list[Path], handles: dict[Path, object], to: str, where: str, result: ConvertResult
-) -> dict[Path, list[_Planned]]:
+def _plan(stored: dict[str, StoredTensor], to: str, where: str, result: ConvertResult) -> dict[Path, list[_Planned]]:
     """The output tensors of each input file, from the headers alone (no tensor is read)."""
     source_layout = layouts.other(to)
-    entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-    for file in files:
-        reader = handles[file]
-        for key in reader.keys():
-            piece = reader.get_slice(key)
-            entries[key] = (file, tuple(piece.get_shape()), piece.get_dtype())
     planned: dict[str, _Planned] = {}
     splits: dict[str, dict[str, str]] = {}
-    for key, (file, shape, dtype) in entries.items():
+    for key, tensor in stored.items():
         if layouts.IGNORED_KEY.search(key):
             result.skipped.append(key)
             continue
@@ -408,17 +399,20 @@ def _plan(
         if found:
             splits.setdefault(found.group("module") + ".weight", {})[found.group("part")] = key
             continue
-        planned[key] = _Planned(key, shape, dtype, [(file, key)])
+        planned[key] = _Planned(key, tensor.shape, tensor.dtype, [tensor])
     for weight, pair in splits.items():
         if set(pair) != {"frozen", "trainable"}:
             raise CheckpointError(
                 f"{where} holds only {listed(pair.values())} of a split weight; both halves are needed"
             )
-        (file_a, shape_a, dtype_a), (file_b, shape_b, dtype_b) = entries[pair["frozen"]], entries[pair["trainable"]]
-        if shape_a[1:] != shape_b[1:] or dtype_a != dtype_b:
-            raise CheckpointError(f"{where}: the two halves of {weight} do not fit together ({shape_a}, {shape_b})")
-        planned[weight] = _Planned(weight, (shape_a[0] + shape_b[0], *shape_a[1:]), dtype_a,
-                                   [(file_a, pair["frozen"]), (file_b, pair["trainable"])])  # fmt: skip
+        frozen, trainable = stored[pair["frozen"]], stored[pair["trainable"]]
+        if not frozen.shape or frozen.shape[1:] != trainable.shape[1:] or frozen.dtype != trainable.dtype:
+            raise CheckpointError(
+                f"{where}: the two halves of {weight} do not fit together ({frozen.shape}, {trainable.shape})"
+            )
+        planned[weight] = _Planned(
+            weight, (frozen.shape[0] + trainable.shape[0], *frozen.shape[1:]), frozen.dtype, [frozen, trainable]
+        )
         result.concatenated.append(weight)
     keys = sorted(planned)
     layouts.check_keys(keys, source_layout, where)
@@ -428,7 +422,7 @@ def _plan(
         item = planned[key]
         item.key = layouts.convert_key(key, to)
         result.renamed += item.key != key
-        by_file.setdefault(item.parts[0][0], []).append(item)
+        by_file.setdefault(item.parts[0].file, []).append(item)
     if result.skipped:
         logger.info("Skipped %d buffer(s) recomputed from the config: %s", len(result.skipped), listed(result.skipped))
     return by_file
@@ -456,27 +450,19 @@ def _write_safetensors(path: Path, items: list[_Planned]) -> int:
     """Write one safetensors file tensor by tensor; returns the bytes of tensor data.
 
     Our own writer because safetensors' ``save_file`` takes every tensor of the file at once. Here
-    each input tensor is read with its own short-lived ``safe_open`` (so no mapping of the inputs
-    stays resident) and its bytes are written straight from it; the two halves of a split weight are
-    written one after the other, which is their row concatenation. Memory follows the largest
-    tensor, not the shard. The header is `safetensors_files.header_bytes`'s.
+    each input tensor is read on its own (`safetensors_files.read_tensor`, checked headers) and its
+    bytes are written straight after; the two halves of a split weight are written one after the
+    other, which is their row concatenation. Memory follows the largest tensor, not the shard. The
+    header is `safetensors_files.header_bytes`'s.
     """
-    entries = [(item.key, item.dtype, item.shape, math.prod(item.shape) * _DTYPE_BYTES[item.dtype])
-               for item in items]  # fmt: skip
+    entries = [(item.key, item.dtype, item.shape, sum(part.num_bytes for part in item.parts)) for item in items]
     with open(path, "wb") as handle:
         handle.write(header_bytes(entries))
         for item in items:
-            rows = 0
-            for file, key in item.parts:
-                with safe_open(str(file), framework="pt", device="cpu") as reader:
-                    tensor = reader.get_tensor(key)
-                if tuple(tensor.shape[1:]) != item.shape[1:]:
-                    raise CheckpointError(f"{file}: {key} is not the shape its header says")
-                rows += tensor.shape[0] if tensor.dim() else 1
-                handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for part in item.parts:
+                tensor = read_tensor(part)
+                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 del tensor
-            if rows != (item.shape[0] if item.shape else 1):
-                raise CheckpointError(f"{item.parts[0][0]}: {item.parts[0][1]} is not the shape its header says")
     return sum(entry[3] for entry in entries)
 
 
@@ -486,23 +472,21 @@ def _convert_model(source: Path, target: Path, to: str, result: ConvertResult) -
         raise UsageError(f"{source} is already in the {to} layout ({config['model_type']}); nothing to convert")
     new_config = layouts.convert_model_config(config, to, str(source))
     files = _weight_files(source)
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files}
-        by_file = _plan(files, handles, to, str(source), result)
-        _check_against_config([p for items in by_file.values() for p in items], new_config, to, str(source))
-        weight_map, total = {}, 0
-        for file in files:
-            items = by_file.get(file, [])
-            if not items:
-                continue
-            total += _write_safetensors(target / file.name, items)
-            weight_map.update({item.key: file.name for item in items})
-            result.num_tensors += len(items)
+    by_file = _plan(read_stored_tensors(source, files, "the model"), to, str(source), result)
+    _check_against_config([p for items in by_file.values() for p in items], new_config, to, str(source))
+    weight_map, total = {}, 0
+    for file in files:
+        items = by_file.get(file, [])
+        if not items:
+            continue
+        total += _write_safetensors(target / file.name, items)
+        weight_map.update({item.key: file.name for item in items})
+        result.num_tensors += len(items)
     if (source / SAFE_INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (target / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (target / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-    result.copied += copy_support_files(source, target, SUPPORT_FILES)
+    result.copied += copy_support_files(source, target)
     _check_written(target, new_config, to)
     if to == BOSON and not any(key.endswith("text_lm_head.weight") for key in weight_map):
         logger.warning(
@@ -516,8 +500,7 @@ def _check_written(target: Path, config: dict, to: str) -> None:
     """Re-read the written headers: the output holds what the converted config implies."""
     items = []
     for file in _weight_files(target):
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            items += [_Planned(k, tuple(reader.get_slice(k).get_shape()), "", []) for k in reader.keys()]
+        items += [_Planned(t.name, t.shape, t.dtype, []) for t in read_safetensors_header(file, "the converted model")]
     _check_against_config(items, config, to, str(target))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from .errors import AmbiguousLoraModelError, LoraModelNotFoundError
+from ..errors import AmbiguousLoraModelError, LoraModelNotFoundError
 
 # Module-name segments added by wrappers, never by the user's own model; they also appear in
 # state-dict keys of the wrapped model, so both sides are compared without them.

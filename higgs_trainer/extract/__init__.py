@@ -1,0 +1,1 @@
+"""``higgs-trainer extract``: rescue a LoRA adapter from a full checkpoint written without one."""

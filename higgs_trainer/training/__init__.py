@@ -1,0 +1,1 @@
+"""Training time: the trainer and its mixin, finding the PEFT component, saving, gathering sharded adapters, resuming."""

@@ -1,0 +1,1 @@
+"""Checking adapters by their content: config, tensors, modules against a base, adapters that never trained."""
