@@ -3,8 +3,8 @@
 What the speech callback leaves after training (``higgs_trainer.speech``, docs/listening.md): each
 ``checkpoint-N`` holds ``trainer_state.json`` (with ``log_history`` and ``best_model_checkpoint``) and
 ``speech/<name>.wav`` (16-bit PCM, written with soundfile), ``speech/<name>.png`` (a log-magnitude
-spectrogram) and ``speech/speech.json``: per sample the prompt, seconds, frames, a hash of the codes,
-flags and scores. The signals are short syllable-like harmonic tones, different per checkpoint.
+spectrogram) and ``speech/speech.json`` in the callback's format (``higgs_trainer.speech.records``, format 1):
+per sample the prompt, seconds, frames, a hash of the codes, flags, scores and error. The signals are short syllable-like harmonic tones, different per checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ def speech_like(seconds: float, pitch: float, seed: int) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     glide = pitch * (1 + 0.08 * np.sin(2 * np.pi * 0.7 * t))
     phase = 2 * np.pi * np.cumsum(glide) / SAMPLE_RATE
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    formants = (500, 1500, 2500)  # a vowel's resonances: the harmonics near them are loudest
+    voice = sum(
+        np.sin(k * phase) * (sum(np.exp(-(((k * pitch - f) / 300) ** 2)) for f in formants) + 1 / (4 * k))
+        for k in range(1, 40)
+    )
+    voice /= np.abs(voice).max()
     envelope = np.clip(np.sin(2 * np.pi * 3.5 * t + rng.uniform(0, np.pi)), 0, None) ** 0.6
     wave = 0.25 * voice * envelope + 0.0005 * rng.standard_normal(t.size)
     return wave.astype(np.float32)
@@ -56,9 +61,9 @@ def spectrogram_png(path: Path, audio: np.ndarray) -> None:
     """A log-magnitude spectrogram of ``audio`` (low frequencies at the bottom) as a PNG."""
     window, hop = 512, 128
     frames = [audio[i : i + window] * np.hanning(window) for i in range(0, max(1, audio.size - window), hop)]
-    magnitude = np.abs(np.fft.rfft(np.array(frames) if frames else np.zeros((1, window)), axis=1)).T[:128]
-    level = 20 * np.log10(magnitude + 1e-5)
-    level = np.clip((level - level.max() + 60) / 60, 0, 1)
+    magnitude = np.abs(np.fft.rfft(np.array(frames) if frames else np.zeros((1, window)), axis=1)).T[:96]
+    level = 20 * np.log10(magnitude / (window / 4) + 1e-6)  # dB below a full-scale sine
+    level = np.clip((level + 70) / 70, 0, 1)  # -70 dBFS and quieter: white, so silence stays white
     write_png(path, (255 * (1 - level[::-1])).astype(np.uint8))
 
 
@@ -70,9 +75,16 @@ def write_samples(directory: Path, step: int, samples: dict[str, dict]) -> None:
     speech.mkdir(parents=True, exist_ok=True)
     records = []
     for name, sample in samples.items():
-        record = {"name": name, "prompt": {"text": PROMPTS[name], "reference_audio": sample.get("reference")}}
+        # the record higgs_trainer.speech.records.SampleRecord writes
+        record = {
+            "name": name,
+            "text": PROMPTS[name],
+            "reference_audio": sample.get("reference"),
+            "reference_text": None,
+        }
+        record |= {"wav": None, "png": None, "seconds": 0.0, "frames": 0, "codes_sha256": None, "ended": None}
         if "error" in sample:
-            records.append({**record, "error": sample["error"], "flags": [], "scores": {}})
+            records.append({**record, "flags": [], "scores": {}, "error": sample["error"]})
             continue
         audio = sample["audio"]
         soundfile.write(speech / f"{name}.wav", audio, SAMPLE_RATE, subtype="PCM_16")
@@ -87,11 +99,25 @@ def write_samples(directory: Path, step: int, samples: dict[str, dict]) -> None:
             "ended": True,
             "flags": sample.get("flags", []),
             "scores": sample.get("scores", {}),
+            "error": None,
         }
         records.append(record)
-    (speech / "speech.json").write_text(
-        json.dumps({"step": step, "sample_rate": SAMPLE_RATE, "samples": records}, indent=2)
-    )
+    document = {
+        "format_version": 1,
+        "checkpoint": directory.name,
+        "global_step": step,
+        "sample_rate": SAMPLE_RATE,
+        "generation": {"do_sample": False, "max_new_tokens": 256},
+        "flag_thresholds": {"silence_rms": 0.001, "collapse_share": 0.8},
+        "samples": records,
+    }
+    (speech / "speech.json").write_text(json.dumps(document, indent=2))
+
+
+def _heard(text: str, missed: float) -> str:
+    """What an ASR model might hear of ``text`` when it misses that share of the words (the last ones)."""
+    words = text.lower().replace(",", "").rstrip(".?").split()
+    return " ".join(words[: len(words) - round(missed * len(words))])
 
 
 def make_run(run_dir: Path, steps: tuple[int, ...] = (2, 4, 6), best: int | None = 4, samples: bool = True) -> Path:
@@ -123,7 +149,7 @@ def make_run(run_dir: Path, steps: tuple[int, ...] = (2, 4, 6), best: int | None
                     "wer": round(1 - quality, 3),
                     "cer": round((1 - quality) / 2, 3),
                     "similarity": round(0.5 + quality / 2, 3),
-                    "transcript": PROMPTS[name].lower().rstrip(".?"),
+                    "transcript": _heard(PROMPTS[name], 1 - quality),
                 },
             }
         if index == len(steps) - 1 and len(steps) > 1:

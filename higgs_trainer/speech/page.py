@@ -117,7 +117,7 @@ def _cell(sample: Sample | None, run_dir: Path) -> str:
         f"{sample.seconds:.2f} s" if sample.seconds is not None else "",
         f"{sample.frames} frames" if sample.frames is not None else "",
     ]
-    if any(length):
+    if any(length) and not sample.error:  # a failed sample's record says 0 s, 0 frames: nothing to show
         parts.append(f"<div>{escape(', '.join(p for p in length if p))}</div>")
     if sample.flags:
         parts.append(f"<div>{_flag_badges(sample.flags)}</div>")
@@ -126,7 +126,8 @@ def _cell(sample: Sample | None, run_dir: Path) -> str:
     if sample.scores:
         parts.append(f'<div class="scores">{escape(_scores_text(sample.scores))}</div>')
     if sample.transcript is not None:
-        parts.append(f'<div class="heard">heard: “{escape(sample.transcript)}”</div>')
+        heard = f"“{escape(sample.transcript)}”" if sample.transcript else "nothing"
+        parts.append(f'<div class="heard">heard: {heard}</div>')
     if sample.png is not None:
         href = _href(sample.png, run_dir)
         parts.append(f'<a href="{href}"><img src="{href}" alt="spectrogram of {escape(sample.name)}"></a>')

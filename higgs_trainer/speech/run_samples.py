@@ -11,8 +11,8 @@ Examples:
     >>> speech = Path("run/checkpoint-2/speech")
     >>> speech.mkdir(parents=True)
     >>> _ = Path("run/checkpoint-2/trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": [{"step": 2, "loss": 3.5}]}))
-    >>> record = {"name": "hi", "prompt": {"text": "Hi."}, "seconds": 0.5, "flags": ["silence"], "scores": {"wer": 1.0}}
-    >>> _ = (speech / "speech.json").write_text(json.dumps({"step": 2, "samples": [record]}))
+    >>> record = {"name": "hi", "text": "Hi.", "seconds": 0.5, "flags": ["silence"], "scores": {"wer": 1.0}}
+    >>> _ = (speech / "speech.json").write_text(json.dumps({"global_step": 2, "samples": [record]}))
     >>> run = read_run("run")
     >>> [(c.name, c.step, c.loss, c.samples["hi"].flags, c.metrics) for c in run.checkpoints]
     [('checkpoint-2', 2, 3.5, ('silence',), {'speech_wer': 1.0, 'speech_degenerate': 1.0})]
@@ -207,11 +207,12 @@ def _existing(directory: Path, name: Any) -> Path | None:
 
 def _sample(speech: Path, entry: dict[str, Any]) -> Sample:
     name = str(entry["name"])
+    # the prompt's fields sit in the record (text, reference_audio), or in a "prompt" object, or "prompt" is the text
     prompt = entry.get("prompt")
-    prompt = prompt if isinstance(prompt, dict) else {"text": prompt or entry.get("text") or ""}
+    prompt = {**entry, **(prompt if isinstance(prompt, dict) else {"text": prompt or entry.get("text") or ""})}
     scores = entry.get("scores") if isinstance(entry.get("scores"), dict) else {}
     numbers = {key: v for key, value in scores.items() if (v := _number(value)) is not None}
-    transcript = scores.get("transcript") if isinstance(scores.get("transcript"), str) else None
+    transcript = next((t for t in (scores.get("transcript"), entry.get("transcript")) if isinstance(t, str)), None)
     return Sample(
         name=name,
         text=str(prompt.get("text") or ""),

@@ -5,14 +5,12 @@ for similarity to each prompt's reference clip), checks everything it can when i
 load, reference clips read, every prompt has words to score against), scores each sample, and averages
 a checkpoint's samples into the metrics logged at that step:
 
-==========================  ===================================================  ==========================
-metric                      what it is                                           better
-==========================  ===================================================  ==========================
-``speech_wer``              mean word error rate over the prompts                lower (``greater_is_better=False``)
-``speech_cer``              mean character error rate                            lower
-``speech_similarity``       mean speaker cosine over prompts with a reference    higher (``greater_is_better=True``)
-``speech_degenerate``       samples flagged degenerate (no audio, silence...)    lower
-==========================  ===================================================  ==========================
+| metric | what it is | better |
+| --- | --- | --- |
+| ``speech_wer`` | mean word error rate over the prompts | lower (``greater_is_better=False``) |
+| ``speech_cer`` | mean character error rate | lower |
+| ``speech_similarity`` | mean speaker cosine over the prompts with a reference clip | higher (``greater_is_better=True``) |
+| ``speech_degenerate`` | samples flagged degenerate (no audio, silence, ...) | lower |
 
 A sample with no audio scores what it is worth: error rates 1.0 (nothing said) and similarity 0.0.
 
