@@ -55,7 +55,7 @@ th, td { border: 1px solid #ddd; padding: 6px; vertical-align: top; text-align: 
 th.prompt { max-width: 260px; font-weight: normal; }
 th.prompt b { display: block; }
 td.sample { width: 260px; }
-td.sample img { width: 250px; height: 90px; display: block; margin-top: 4px; }
+td.sample img { width: 250px; height: 100px; object-fit: contain; object-position: left; display: block; margin-top: 4px; }
 audio { width: 250px; }
 tbody th { font-weight: normal; white-space: nowrap; }
 tr.best { background: #eefbea; }

@@ -44,13 +44,16 @@ def _label(value: float) -> str:
     return f"{value:.3g}"
 
 
-def line_panel(title: str, series: list[Series], best_step: int | None = None) -> str:
+def line_panel(
+    title: str, series: list[Series], best_step: int | None = None, empty: str = "nothing recorded yet"
+) -> str:
     """One panel: ``series`` against the step, with their legend and the best step marked.
 
     Args:
         title: the panel's heading.
         series: the lines to draw (an empty one is left out of the drawing but kept in the legend).
         best_step: the step of the best checkpoint, or ``None``.
+        empty: what the panel says when no series has a point.
     """
     points = [p for s in series for p in s.points]
     parts = [
@@ -59,7 +62,7 @@ def line_panel(title: str, series: list[Series], best_step: int | None = None) -
         f'<text x="{_LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>',
     ]
     if not points:
-        parts.append(f'<text x="{_LEFT}" y="{HEIGHT // 2}" fill="#888">nothing recorded yet</text></svg>')
+        parts.append(f'<text x="{_LEFT}" y="{HEIGHT // 2}" fill="#888">{escape(empty)}</text></svg>')
         return "".join(parts)
     steps = [step for step, _ in points] + ([best_step] if best_step is not None else [])
     x0, x1 = min(steps), max(steps)
@@ -117,4 +120,5 @@ def score_plots(run: RunSamples) -> str:
         for metric, label, color in SCORE_SERIES
         if any(metric in c.metrics for c in run.checkpoints)
     ]
-    return line_panel("loss", losses, best) + line_panel("speech scores (mean over prompts)", scores, best)
+    no_scores = "no scores: give the speech callback an asr_model or speaker_model"
+    return line_panel("loss", losses, best) + line_panel("speech scores (mean over prompts)", scores, best, no_scores)
