@@ -154,3 +154,18 @@ def test_listen_on_a_run_without_samples_says_what_makes_them(tmp_path, capsys):
     assert_one_line_error(err, "run directory")
     with pytest.raises(NoSpeechSamplesError, match="higgs-trainer speak"):
         read_run(run)
+
+
+def test_a_failed_rewrite_leaves_the_previous_page_and_no_temporary_file(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    before = write_speech_page(run).read_text()
+    (run / "checkpoint-6" / "speech" / "speech.json").unlink()  # the next page would differ
+
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_speech_page(run)
+    assert (run / "speech.html").read_text() == before
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
