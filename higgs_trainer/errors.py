@@ -103,6 +103,31 @@ class CheckpointError(HiggsTrainerError, ValueError):
     """
 
 
+class SpeechScorerError(HiggsTrainerError, ValueError):
+    """A speech scorer cannot be set up: its model does not load, a reference clip cannot be read, or a metric is
+    asked for that no configured scorer produces.
+
+    Examples:
+        >>> from higgs_trainer.speech.error_rate import ErrorRateScorer
+        >>> ErrorRateScorer("no/such/asr-model")
+        Traceback (most recent call last):
+        higgs_trainer.errors.SpeechScorerError: cannot load the ASR model 'no/such/asr-model': no such directory; ...
+    """
+
+
+class NoSpeechSamplesError(HiggsTrainerError, ValueError):
+    """A run directory holds no speech samples to list or to put on a page.
+
+    Examples:
+        >>> from pathlib import Path
+        >>> from higgs_trainer.speech.run_samples import read_run
+        >>> Path("run/checkpoint-2").mkdir(parents=True)
+        >>> read_run("run")
+        Traceback (most recent call last):
+        higgs_trainer.errors.NoSpeechSamplesError: run has no speech samples (no checkpoint-N/speech/speech.json): ...
+    """
+
+
 class UsageError(HiggsTrainerError, ValueError):
     """The request cannot be carried out as given; a different argument fixes it (the command exits with 2).
 

@@ -10,6 +10,9 @@ higgs=$(scripts/env.sh higgs) || exit 1
 newest=$(scripts/env.sh newest) || exit 1
 # The convert tests run each stack's half of a cross-stack check with that stack's python (tests/test_convert.py).
 export HIGGS_TRAINER_HIGGS_PYTHON="$higgs/bin/python" HIGGS_TRAINER_NEWEST_PYTHON="$newest/bin/python"
+# The listening page is checked in headless Chromium (Debian's package): installed here when missing, and then the
+# browser tests must run (they skip only where no chromium could be had, and never under CI).
+if scripts/browser.sh >/dev/null; then export HIGGS_TRAINER_REQUIRE_BROWSER=1; else echo "== no chromium: the browser tests skip"; fi
 echo "== ruff"
 "$higgs/bin/ruff" check . && "$higgs/bin/ruff" format --check . || status=1
 echo "== docs: mkdocs build --strict"

@@ -1,10 +1,10 @@
-"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge``, ``convert`` and ``speak``.
+"""The ``higgs-trainer`` command line: ``verify``, ``extract``, ``merge``, ``convert``, ``speak`` and ``listen``.
 
 Here: the argument parser, and running a command: each lives in a module of its own
-(`verify`, `extract`, `merge`, `convert`, `speak`), imported only once its arguments parsed (``--help`` and
-``--version`` import neither torch nor transformers), that calls one library function
-(`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`, `speak`) and prints what it did on
-stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
+(`verify`, `extract`, `merge`, `convert`, `speak`, `listen`), imported only once its arguments parsed (``--help``
+and ``--version`` import neither torch nor transformers), that calls one library function
+(`inspect_path`, `extract_adapter`, `merge_adapter`, `convert_layout`, `speak`, `write_speech_page`) and prints
+what it did on stdout (``--json`` for JSON). Exit status: 0 success, 1 failure (bad content, refused, I/O
 error), 2 usage error, 130 interrupted (SIGINT), 143 terminated (SIGTERM), from the first moment of
 `main` on, imports included; an interrupted command removes what it had begun to write. A signal that
 arrives once the finished output is being renamed into place no longer stops the command: it
@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument(
         "--max-new-tokens", type=int, default=256, metavar="N", help="generation's length limit (default: 256)"
     )
+    listen = commands.add_parser(
+        "listen",
+        parents=[common],
+        help="write the run's listening page (speech.html) and print its table of samples",
+        description="Read the speech samples of every checkpoint of RUN (checkpoint-N/speech/, written by the speech "
+        "callback), write RUN/speech.html (players, spectrograms, flags, scores, the loss and scores against the "
+        "step, the best checkpoint marked; it opens from disk with no server) and print the same table.",
+    )
+    listen.add_argument("run", metavar="RUN", help="the run's output directory")
+    listen.add_argument("--output", "-o", metavar="PAGE", help="write the page here instead of RUN/speech.html")
     return parser
 
 
@@ -320,7 +330,7 @@ def _run(argv: Sequence[str] | None, signals: _Signals) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: name a command: verify, extract, merge, convert or speak", file=sys.stderr)
+        print(f"{PROG}: error: name a command: verify, extract, merge, convert, speak or listen", file=sys.stderr)
         return 2
     try:
         command = importlib.import_module(f"{__package__}.{args.command}")  # torch, transformers: seconds

@@ -126,6 +126,40 @@ def replace_directory(source: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def write_file_atomically(target: str | os.PathLike, content: str | bytes) -> Path:
+    """Write ``content`` to ``target`` all at once: into a temporary file beside it, flushed, then renamed over it.
+
+    A reader (a browser reloading a page, a second process) sees the old file or the new one, never half of
+    either; a failed write leaves the old file and no temporary one. The file gets the mode a plain ``open()``
+    gives (the umask applies).
+
+    Examples:
+        >>> write_file_atomically("out/page.html", "<p>hello</p>")
+        PosixPath('out/page.html')
+        >>> Path("out/page.html").read_text(), sorted(p.name for p in Path("out").iterdir())
+        ('<p>hello</p>', ['page.html'])
+    """
+    target = Path(target)
+    if target.is_symlink() or target.is_dir():
+        raise IsADirectoryError(
+            f"{target} is a directory or a symbolic link, not a file this library wrote; write elsewhere"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    _fsync_dir(target.parent)
+    return target
+
+
 def remove_residue(target: Path) -> None:
     """Clean up beside ``target`` after interrupted writes (call it holding `writer_lock`, as `staged_directory` does).
 
