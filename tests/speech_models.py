@@ -125,3 +125,55 @@ def tone(seconds: float, frequency: float, sample_rate: int, amplitude: float = 
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     wave = amplitude * np.sin(2 * np.pi * frequency * t) * np.minimum(1.0, 8 * t) + 0.01 * rng.standard_normal(t.size)
     return wave.astype(np.float32)
+
+
+class LossMirroringScoring:
+    """A `SpeechScoring` stand-in whose word error rate rises as the eval loss falls: the issue's story, on demand.
+
+    ``score`` returns ``wer = 10 - eval_loss`` (the eval loss the trainer logged last, just before the callback's
+    ``on_evaluate``), so the checkpoint with the best WER is the one with the worst eval loss. It goes through the
+    callback like the real scorers (its ``metrics`` and `SampleScores`); the real ones are tested in
+    tests/test_speech_scoring.py and once end to end through the callback.
+    """
+
+    metrics = ("speech_wer", "speech_degenerate")
+
+    def __init__(self) -> None:
+        self.trainer = None  # set once the trainer exists
+        self.calls: list[int] = []  # the global step of each score, to count generations
+
+    def score(self, prompt, audio, sample_rate):
+        from higgs_trainer.speech.scoring import SampleScores
+
+        state = self.trainer.state
+        eval_loss = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry][-1]
+        self.calls.append(state.global_step)
+        return SampleScores(wer=10.0 - eval_loss, transcript="mirrored")
+
+
+def assert_best_follows_the_speech_metric(trainer, scoring, output_dir: Path, steps: int) -> str:
+    """The trainer kept the checkpoint with the best logged ``eval_speech_wer``, which is not the best eval loss's; its
+    adapter is the final one, each checkpoint's speech.json holds its score, and speech.html marks it. Returns it."""
+    from safetensors.torch import load_file
+
+    history = trainer.state.log_history
+    eval_loss = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    wer = {e["step"]: e["eval_speech_wer"] for e in history if "eval_speech_wer" in e}
+    assert sorted(eval_loss) == sorted(wer) == list(range(1, steps + 1))
+    best_by_wer, best_by_loss = min(wer, key=wer.get), min(eval_loss, key=eval_loss.get)
+    assert best_by_wer != best_by_loss, (eval_loss, wer)  # else the test could not tell them apart
+    best = f"checkpoint-{best_by_wer}"
+    assert Path(trainer.state.best_model_checkpoint).name == best
+    assert trainer.state.best_metric == wer[best_by_wer]
+    assert scoring.calls == list(range(1, steps + 1)) + [steps] * (len(scoring.calls) - steps)  # once per save
+    for step in range(1, steps + 1):
+        record = json.loads((output_dir / f"checkpoint-{step}" / "speech" / "speech.json").read_text())
+        assert [s["scores"]["wer"] for s in record["samples"]] == [wer[step]] * len(record["samples"])
+    final = load_file(output_dir / "lora_adapters" / "adapter_model.safetensors")
+    kept = load_file(output_dir / best / "lora_adapters" / "adapter_model.safetensors")
+    last = load_file(output_dir / f"checkpoint-{steps}" / "lora_adapters" / "adapter_model.safetensors")
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in kept)
+    assert any(not torch.equal(last[k], kept[k]) for k in kept)  # load_best_model_at_end reloaded it
+    page = (output_dir / "speech.html").read_text()
+    assert f'<tr class="checkpoint best" data-checkpoint="{best}">' in page
+    return best

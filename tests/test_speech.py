@@ -52,8 +52,11 @@ def build_trainer(
     seed=0,
     dropout=0.0,
     base_dir=None,
+    eval_dataset=None,
+    **arguments,
 ):
-    """The example's tiny model, processor and data in HiggsLoraTrainer with ``callbacks``."""
+    """The example's tiny model, processor and data in HiggsLoraTrainer with ``callbacks`` (``arguments``: more
+    TrainingArguments)."""
     processor = processor if processor is not None else ex.tiny_processor(ex.tiny_codec(seed))
     torch.manual_seed(seed)
     base = transformers.HiggsAudioV2ForConditionalGeneration(ex.tiny_model_config(processor), use_text_head=True)
@@ -64,12 +67,23 @@ def build_trainer(
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, save_steps=save_steps, per_device_train_batch_size=2,
         learning_rate=1e-2, report_to=list(report_to), logging_steps=1,
-        use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, **arguments,
     )  # fmt: skip
     return HiggsLoraTrainer(
         model=wrapper, args=args, train_dataset=ex.ToneRequests(), data_collator=ex.Collator(processor),
-        processing_class=processor, callbacks=list(callbacks),
+        processing_class=processor, callbacks=list(callbacks), eval_dataset=eval_dataset,
     )  # fmt: skip
+
+
+# Evaluate at every save, keep the best checkpoint by the speech WER (docs/choosing.md).
+BEST_BY_WER = dict(
+    eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="speech_wer",
+    greater_is_better=False, per_device_eval_batch_size=2, label_names=["audio_labels"], prediction_loss_only=True,
+)  # fmt: skip
+
+
+def eval_tones():
+    return torch.utils.data.Subset(ex.ToneRequests(), range(2))
 
 
 def speech_callback(prompts=None, **kwargs):
@@ -421,3 +435,66 @@ def test_flags_on_codes_and_waveforms():
     assert speech_flags(GeneratedSpeech(varied, ended=True, audio_started=True), loud) == []
     assert speech_flags(GeneratedSpeech(varied, ended=True, audio_started=True), loud * 1e-3) == ["silence"]
     assert speech_flags(GeneratedSpeech(varied[:, :0], ended=True, audio_started=False), loud) == ["no_audio"]
+
+
+@newest_stack
+def test_the_best_checkpoint_follows_the_speech_metric_not_the_loss(tmp_path):
+    """metric_for_best_model="speech_wer": the trainer keeps (and reloads) the checkpoint whose samples score best,
+    from samples generated once per save, at the evaluation, and written into that checkpoint."""
+    from tests.speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
+
+    scoring = LossMirroringScoring()
+    trainer = build_trainer(
+        tmp_path, [speech_callback(scoring=scoring)], max_steps=3, eval_dataset=eval_tones(), **BEST_BY_WER
+    )
+    scoring.trainer = trainer
+    trainer.train()
+    trainer.save_model()
+    assert_best_follows_the_speech_metric(trainer, scoring, tmp_path, steps=3)
+
+
+@newest_stack
+def test_a_real_tiny_whisper_scores_every_save_through_the_callback(tmp_path):
+    """SpeechScoring with a Whisper model saved to disk: scores in speech.json, eval_speech_* in the metrics the trainer
+    chose from, speech_* logged at a save without evaluation, and the page rewritten after each save."""
+    from higgs_trainer.speech import SpeechPrompt, SpeechScoring
+    from tests.speech_models import save_tiny_whisper
+
+    prompts = [SpeechPrompt("high", ex.PROMPTS["high"])]
+    scoring = SpeechScoring(prompts, asr_model=save_tiny_whisper(tmp_path / "whisper"))
+    trainer = build_trainer(
+        tmp_path / "run", [speech_callback(prompts, scoring=scoring)], max_steps=2, eval_dataset=eval_tones(),
+        **BEST_BY_WER,
+    )  # fmt: skip
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_speech_wer" in e]
+    assert [e["step"] for e in logged] == [1, 2]
+    for entry in logged:
+        record = json.loads((tmp_path / "run" / f"checkpoint-{entry['step']}" / "speech" / "speech.json").read_text())
+        (sample,) = record["samples"]
+        assert sorted(sample["scores"]) == ["cer", "transcript", "wer"] and isinstance(sample["scores"]["transcript"], str)
+        assert entry["eval_speech_wer"] == sample["scores"]["wer"] and entry["eval_speech_cer"] == sample["scores"]["cer"]
+        assert entry["eval_speech_degenerate"] == float(bool(sample["flags"]))
+    best = min(logged, key=lambda e: e["eval_speech_wer"])["step"]  # the first of equals, as the trainer's np.less
+    assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best}"
+    page = (tmp_path / "run" / "speech.html").read_text()
+    assert page.count('<tr class="checkpoint') == 2 and f'data-checkpoint="checkpoint-{best}"' in page
+    # without evaluation, the scores of each save are logged as speech_*
+    plain = build_trainer(tmp_path / "plain", [speech_callback(prompts, scoring=scoring)], max_steps=1)
+    plain.train()
+    (entry,) = [e for e in plain.state.log_history if "speech_wer" in e]
+    assert entry["step"] == 1 and not any(k.startswith("eval_") for k in entry)
+
+
+@newest_stack
+def test_a_speech_best_metric_nothing_produces_fails_when_the_trainer_is_constructed(tmp_path):
+    from higgs_trainer.errors import SpeechScorerError
+    from tests.speech_models import LossMirroringScoring
+
+    with pytest.raises(SpeechScorerError, match=r"no configured speech score produces 'speech_similarity'.*speaker_model="):
+        build_trainer(tmp_path, [speech_callback(scoring=LossMirroringScoring())], eval_dataset=eval_tones(),
+                      **{**BEST_BY_WER, "metric_for_best_model": "speech_similarity", "greater_is_better": True})  # fmt: skip
+    with pytest.raises(SpeechScorerError, match="no configured speech score produces 'speech_wer'"):
+        build_trainer(tmp_path, [speech_callback()], eval_dataset=eval_tones(), **BEST_BY_WER)  # no scoring at all
+    with pytest.raises(UsageError, match="eval_strategy is 'no': set eval_strategy to the save_strategy"):
+        build_trainer(tmp_path, [speech_callback(scoring=LossMirroringScoring())], metric_for_best_model="speech_wer")

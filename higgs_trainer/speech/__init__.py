@@ -13,6 +13,7 @@ from .backend import GeneratedSpeech, SpeechBackend, SpeechPrompt, codes_sha256
 from .callback import SpeechSamplesCallback
 from .flags import FLAG_MEANINGS, FlagThresholds
 from .records import SampleRecord, read_records
+from .scoring import SpeechScoring
 from .transformers_backend import TransformersSpeechBackend
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "SpeechBackend",
     "SpeechPrompt",
     "SpeechSamplesCallback",
+    "SpeechScoring",
     "TransformersSpeechBackend",
     "codes_sha256",
     "read_records",

@@ -29,7 +29,7 @@ class SampleRecord:
         codes_sha256: `codes_sha256` of the codes: equal codes, equal hash (``higgs-trainer speak`` prints it).
         ended: the model produced the audio end (False: the length limit was hit).
         flags: degenerate-speech flags (`higgs_trainer.speech.flags`).
-        scores: name -> value from the callback's scorers (empty without scorers).
+        scores: name -> value from the scorers and `SpeechScoring` (``wer``, ``cer``, ``similarity``, ``transcript``).
         error: why the sample failed, or None.
     """
 
@@ -44,7 +44,7 @@ class SampleRecord:
     codes_sha256: str | None = None
     ended: bool | None = None
     flags: list[str] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:

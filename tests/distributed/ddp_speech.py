@@ -29,11 +29,10 @@ class TimedSpeech(SpeechSamplesCallback):
         super().__init__(*args, **kwargs)
         self.sampled_until, self.returned_at = [], []
 
-    def _sample_and_write(self, directory, global_step):
-        records = super()._sample_and_write(directory, global_step)
-        time.sleep(1.0)  # a slow sample: the other rank must still be waiting at the barrier
+    def _write(self, directory, saved):
+        super()._write(directory, saved)
+        time.sleep(1.0)  # a slow sample: the other rank must still be waiting for it
         self.sampled_until.append(time.time())
-        return records
 
     def on_save(self, *args, **kwargs):
         super().on_save(*args, **kwargs)
