@@ -187,6 +187,7 @@ def run(
         "checkpoint_sha": heard["high"]["codes_sha256"],
         "spoken": spoken,
         "seconds_sampling": speech.seconds_spent,
+        "page": output_dir / "speech.html",  # rewritten by the callback after each save
     }
 
 
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']}.wav {r['seconds']:.2f}s{' ' + ','.join(r['flags']) if r['flags'] else ''}" for r in records
         )
         print(f"  {directory}: {listed}")
+    print(f"Listening page (every checkpoint side by side, opens from disk): {result['page']}")
     spoken = result["spoken"]
     same = spoken.record.codes_sha256 == result["checkpoint_sha"]
     print(f"Spoken from {spoken.adapter} (base + adapter, not merged) -> {spoken.wav}")

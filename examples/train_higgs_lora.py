@@ -514,6 +514,9 @@ def report(args: argparse.Namespace) -> None:
             )
             print(f"  {directory}: {listed}")
         print("  (the tiny model is random and trains on random codes: noise, a frame or two, or none; flags in [])")
+        page = (out / "speech.html").resolve()  # rewritten by the speech callback after each save
+        if page.is_file():
+            print(f"  listening page (every checkpoint side by side, opens from disk): {page}")
     # Full paths, so that the commands run as printed from a new shell (any directory, this environment not active).
     run, base = out.resolve(), Path(args.model_path or out / "base_model").resolve()
     command, adapter = higgs_trainer_command(), run / "lora_adapters"

@@ -270,3 +270,33 @@ def test_speak_on_a_checkpoint_gives_the_codes_and_audio_the_callback_heard(back
     assert (spoken["codes_sha256"], spoken["frames"]) == (sample["codes_sha256"], sample["frames"])
     heard_wav = tmp_path / "run" / "checkpoint-2" / "speech" / "cloned.wav"
     assert soundfile.read(tmp_path / "cloned.wav")[0].tolist() == soundfile.read(heard_wav)[0].tolist()
+
+
+def test_the_best_checkpoint_follows_the_speech_metric_not_the_loss(backend, speech, tmp_path):
+    """boson's HiggsAudioModel in HiggsLoraTrainer with metric_for_best_model="speech_wer": the trainer keeps (and
+    reloads) the checkpoint whose samples scored best, from samples generated once per save at the evaluation."""
+    import transformers
+
+    from higgs_trainer import HiggsLoraTrainer
+    from higgs_trainer.speech import SpeechSamplesCallback
+    from tests.models import RandomTokens, Wrapper, lora_config
+    from tests.speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
+
+    scoring = LossMirroringScoring()
+    callback = SpeechSamplesCallback([PROMPT], backend, max_new_tokens=8, scoring=scoring)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, save_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, eval_strategy="steps", eval_steps=1,
+        per_device_eval_batch_size=2, load_best_model_at_end=True, metric_for_best_model="speech_wer",
+        greater_is_better=False,
+    )  # fmt: skip
+    trainer = HiggsLoraTrainer(
+        model=Wrapper(get_peft_model(speech.tiny_speech_model(), lora_config())), args=args,
+        train_dataset=RandomTokens(n=6, audio=False), eval_dataset=RandomTokens(n=2, audio=False),
+        callbacks=[callback],
+    )  # fmt: skip
+    scoring.trainer = trainer
+    trainer.train()
+    trainer.save_model()
+    assert callback.failed == []
+    assert_best_follows_the_speech_metric(trainer, scoring, tmp_path, steps=3)

@@ -57,6 +57,9 @@ def test_default_run_trains_both_heads_writes_verified_adapters_and_says_how_to_
         assert all(s["error"] is None and (directory / "speech" / s["wav"]).is_file() for s in record["samples"])
         assert f"  {directory / 'speech'}: prompt0.wav " in out
     heard = json.loads((tmp_path / "speech" / "speech.json").read_text())["samples"][0]["codes_sha256"]
+    (page_line,) = [line for line in out.splitlines() if line.startswith("  listening page")]
+    page = Path(page_line.rsplit(": ", 1)[1])  # the page the callback rewrote after each save: one row per save
+    assert page == (tmp_path / "speech.html").resolve() and page.read_text().count('<tr class="checkpoint') == 3
     assert f"higgs-trainer verify {tmp_path}" in out
     assert f"higgs-trainer merge --base {tmp_path / 'base_model'} --adapter {adapter}" in out
     # The "Next:" commands run as printed from a new shell: another directory, no virtual environment on PATH.

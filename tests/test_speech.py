@@ -423,6 +423,9 @@ def test_the_demo_prints_where_the_samples_of_every_save_are(tmp_path, capsys):
     for directory in (tmp_path / "checkpoint-1", tmp_path / "checkpoint-2", tmp_path):
         assert f"  {directory / 'speech'}: low.wav " in out and (directory / "speech" / "high.wav").is_file()
     assert "same codes as checkpoint-2/speech/high.wav: True" in out
+    page = tmp_path / "speech.html"  # rewritten by the callback after each save: checkpoint-1, -2 and the final save
+    assert f"Listening page (every checkpoint side by side, opens from disk): {page}\n" in out
+    assert page.read_text().count('<tr class="checkpoint') == 3
     assert f"higgs-trainer speak --base {tmp_path}/base_model --adapter {tmp_path / 'checkpoint-2'}" in out
 
 
@@ -472,8 +475,9 @@ def test_a_real_tiny_whisper_scores_every_save_through_the_callback(tmp_path):
     for entry in logged:
         record = json.loads((tmp_path / "run" / f"checkpoint-{entry['step']}" / "speech" / "speech.json").read_text())
         (sample,) = record["samples"]
-        assert sorted(sample["scores"]) == ["cer", "transcript", "wer"] and isinstance(sample["scores"]["transcript"], str)
-        assert entry["eval_speech_wer"] == sample["scores"]["wer"] and entry["eval_speech_cer"] == sample["scores"]["cer"]
+        scores = sample["scores"]
+        assert sorted(scores) == ["cer", "transcript", "wer"] and isinstance(scores["transcript"], str)
+        assert (entry["eval_speech_wer"], entry["eval_speech_cer"]) == (scores["wer"], scores["cer"])
         assert entry["eval_speech_degenerate"] == float(bool(sample["flags"]))
     best = min(logged, key=lambda e: e["eval_speech_wer"])["step"]  # the first of equals, as the trainer's np.less
     assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best}"
@@ -491,7 +495,8 @@ def test_a_speech_best_metric_nothing_produces_fails_when_the_trainer_is_constru
     from higgs_trainer.errors import SpeechScorerError
     from tests.speech_models import LossMirroringScoring
 
-    with pytest.raises(SpeechScorerError, match=r"no configured speech score produces 'speech_similarity'.*speaker_model="):
+    no_similarity = r"no configured speech score produces 'speech_similarity'.*speaker_model="
+    with pytest.raises(SpeechScorerError, match=no_similarity):
         build_trainer(tmp_path, [speech_callback(scoring=LossMirroringScoring())], eval_dataset=eval_tones(),
                       **{**BEST_BY_WER, "metric_for_best_model": "speech_similarity", "greater_is_better": True})  # fmt: skip
     with pytest.raises(SpeechScorerError, match="no configured speech score produces 'speech_wer'"):

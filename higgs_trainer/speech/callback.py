@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,9 @@ class SpeechSamplesCallback(TrainerCallback):
                 self._skipped_reason,
             )
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
         """At an evaluation: generate and score (once per step), add ``eval_speech_*`` to ``metrics`` and log them.
 
         Trainer decides the best checkpoint from this very dict once the callbacks return, before ``on_save``;
@@ -367,7 +369,9 @@ class SpeechSamplesCallback(TrainerCallback):
         degenerate = sum(1 for record in records if record.flags or record.error)
         return SavedSamples(global_step, samples, records, summarize(scores, degenerate=degenerate))
 
-    def _score(self, prompt: SpeechPrompt, record: SampleRecord, waveform: np.ndarray, where: str) -> list[SampleScores]:
+    def _score(
+        self, prompt: SpeechPrompt, record: SampleRecord, waveform: np.ndarray, where: str
+    ) -> list[SampleScores]:
         """Score one sample (a failed one as no audio: what it is worth) into its record; [] without scoring."""
         if self.scoring is None:
             return []
