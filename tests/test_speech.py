@@ -210,7 +210,7 @@ def test_speak_errors_are_one_line(trained_run, capsys, tmp_path):
 
 
 @newest_stack
-def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
+def test_under_ddp_rank_0_samples_and_scores_the_other_rank_waits_and_agrees(tmp_path):
     from tests.launch import torchrun
 
     torchrun("ddp_speech.py", tmp_path)
@@ -220,6 +220,10 @@ def test_under_ddp_rank_0_samples_and_the_other_rank_waits(tmp_path):
         assert ranks[1]["returned_at"][step] >= ranks[0]["sampled_until"][step]
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
         assert (tmp_path / checkpoint / "speech" / "high.wav").is_file()
+    # with scoring and metric_for_best_model="speech_wer": rank 0 scores, both ranks log its metrics and agree
+    assert ranks[0]["scored"] == 2 and ranks[1]["scored"] == 0
+    assert len(ranks[0]["wer"]) == 2 and ranks[1]["wer"] == ranks[0]["wer"]
+    assert ranks[0]["best"] is not None and ranks[1]["best"] == ranks[0]["best"]
 
 
 @newest_stack
