@@ -5,7 +5,10 @@ import pathlib
 
 from safetensors.torch import load_file, save_file
 
+from higgs_trainer import find_lora_model
 from higgs_trainer.cli import main
+from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
+from tests.models import make_model, tiny_base_model, trained_like
 
 
 def run_cli(capsys, *argv):
@@ -30,3 +33,15 @@ def rename_lora_modules(adapter, old, new):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["target_modules"] = [new if t == old else t for t in config["target_modules"]]
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+def write_cli_inputs(root: pathlib.Path) -> pathlib.Path:
+    """Into ``root``: a base (``base/``), a trained-looking adapter (``lora_adapters/``) and a full checkpoint
+    written without an adapter (``checkpoint-2/model.safetensors``), what the commands take."""
+    tiny_base_model().save_pretrained(str(root / "base"))
+    model = trained_like(make_model())
+    write_lora_adapters(find_lora_model(model), root)
+    (root / "checkpoint-2").mkdir()
+    state = {k: v.contiguous() for k, v in clone_shared_tensors(model.state_dict()).items()}
+    save_file(state, str(root / "checkpoint-2" / "model.safetensors"))
+    return root

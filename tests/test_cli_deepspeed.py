@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 
-from higgs_trainer import convert_layout, find_lora_model
+from higgs_trainer import convert_layout
 from higgs_trainer.convert import layouts
-from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
+from tests.cli import write_cli_inputs
 from tests.environment import missing
 from tests.launch import ROOT
-from tests.models import HIGGS_STACK, make_model, tiny_base_model, trained_like
+from tests.models import HIGGS_STACK
 
 THIS_LAYOUT = layouts.BOSON if HIGGS_STACK else layouts.TRANSFORMERS
 
@@ -28,13 +27,7 @@ THIS_LAYOUT = layouts.BOSON if HIGGS_STACK else layouts.TRANSFORMERS
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A Higgs base of this stack, a trained-looking adapter for it (also in the other layout), a full checkpoint."""
-    root = tmp_path_factory.mktemp("inputs")
-    tiny_base_model().save_pretrained(str(root / "base"))
-    model = trained_like(make_model())
-    write_lora_adapters(find_lora_model(model), root)
-    (root / "checkpoint-2").mkdir()
-    state = {k: v.contiguous() for k, v in clone_shared_tensors(model.state_dict()).items()}
-    save_file(state, str(root / "checkpoint-2" / "model.safetensors"))
+    root = write_cli_inputs(tmp_path_factory.mktemp("inputs"))
     convert_layout(root / "lora_adapters", layouts.other(THIS_LAYOUT), root / "other_layout")
     return root
 

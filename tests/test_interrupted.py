@@ -11,16 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 
-from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, find_lora_model
+from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError
 from higgs_trainer.cli import verify as cli_verify
 from higgs_trainer.files import atomic
-from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
-from tests.cli import run_cli
+from tests.cli import run_cli, write_cli_inputs
 from tests.environment import missing
 from tests.launch import ROOT
-from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
+from tests.models import RandomTokens, make_model, training_args
 
 # 4. signals during extract and merge
 
@@ -28,13 +26,7 @@ from tests.models import RandomTokens, make_model, tiny_base_model, trained_like
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A base, a trained-looking adapter, and a full checkpoint written without an adapter."""
-    root = tmp_path_factory.mktemp("inputs")
-    tiny_base_model().save_pretrained(str(root / "base"))
-    model = trained_like(make_model())
-    write_lora_adapters(find_lora_model(model), root)
-    (root / "checkpoint-2").mkdir()
-    state = {k: v.contiguous() for k, v in clone_shared_tensors(model.state_dict()).items()}
-    save_file(state, str(root / "checkpoint-2" / "model.safetensors"))
+    root = write_cli_inputs(tmp_path_factory.mktemp("inputs"))
     return root
 
 
