@@ -38,7 +38,7 @@ def build_whisper(directory: Path, shape: str) -> None:
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from tests.speech_models import save_tiny_whisper
+    from tests.testing_speech_models import save_tiny_whisper
 
     save_tiny_whisper(directory)  # tokenizer, feature extractor and generation settings of the test model
     d_model, layers, heads, ffn = WHISPER_SHAPES[shape]

@@ -53,11 +53,6 @@ class LoraKey(NamedTuple):
             return LORA_PAIRS[self.part]
         return next((a for a, b in LORA_PAIRS.items() if b == self.part), None)
 
-    @property
-    def param(self) -> str | None:
-        """``"weight"`` or ``"bias"`` when the key ends in one, else None (an embedding's bare ``lora_embedding_A``)."""
-        return self.rest[-1] if self.rest and self.rest[-1] in ("weight", "bias") else None
-
 
 def split_lora_key(key: str) -> LoraKey | None:
     """``key`` split at its first segment that starts with ``lora_``; None for a key that has none.

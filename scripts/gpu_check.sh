@@ -116,7 +116,7 @@ location = Path(higgs_trainer.__file__).resolve()
 if not location.is_relative_to(root):
     raise SystemExit(f"scripts/gpu_check.sh: higgs_trainer comes from {location}, not from this repository {root}")
 print(f"higgs_trainer: {higgs_trainer.__version__} ({location.parent})")
-importlib.import_module("tests.models")  # what the training script builds its tiny model from
+importlib.import_module("tests.testing_models")  # what the training script builds its tiny model from
 gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 print(f"CUDA GPUs: {gpus}" + (f" ({torch.cuda.get_device_name(0)})" if gpus else ""))
 if not gpus and os.environ["DRY_RUN"] != "1":

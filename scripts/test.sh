@@ -24,7 +24,7 @@ if grep -E '^(WARNING|ERROR)' <<<"$docs_log"; then status=1; fi
 grep -q 'Documentation built' <<<"$docs_log" || { echo "$docs_log" >&2; status=1; }
 rm -rf "$site"
 # A test that needs a part of the environment (DeepSpeed, root for a tmpfs, the other stack's python, the installed
-# console script) fails here when that part is missing, instead of skipping (tests/environment.py).
+# console script) fails here when that part is missing, instead of skipping (tests/testing_environment.py).
 export HIGGS_TRAINER_STRICT_SKIPS=1
 for venv in "$higgs" "$newest"; do
     echo "== pytest on $(basename "$venv")"

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from tests.models import HIGGS_STACK
+from tests.testing_models import HIGGS_STACK
 
 # Scripts that torchrun starts (they read sys.argv and start a process group at import): never import them here,
 # also not for --doctest-modules (setup.cfg).

@@ -5,7 +5,7 @@ import torch
 from transformers import Trainer
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, verify_adapter
-from tests.models import (
+from tests.testing_models import (
     EarliestIsBest,
     RandomTokens,
     assert_resumed_exactly,

@@ -12,7 +12,7 @@ from higgs_trainer import find_lora_model
 from higgs_trainer._compat import peft_save_is_mirrored
 from higgs_trainer.training import saving
 from higgs_trainer.training.saving import write_lora_adapters
-from tests.models import lora_config, make_model, trained_like
+from tests.testing_models import lora_config, make_model, trained_like
 
 
 @pytest.mark.parametrize("layout", ["model", "top"])

@@ -25,11 +25,11 @@ from higgs_trainer import (
 from higgs_trainer.files.atomic import staged_directory
 from higgs_trainer.training.resuming import is_adapter_only_checkpoint, load_lora_adapters
 from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
-from tests.cli import assert_one_line_error, run_cli
-from tests.filesystems import mode_of, small_tmpfs, umask
-from tests.models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_filesystems import mode_of, small_tmpfs, umask
+from tests.testing_models import RandomTokens, make_model, tiny_base_model, trained_like, training_args
 
-ALPHA = 8  # tests.models.lora_config: lora_alpha = 2 * r
+ALPHA = 8  # tests.testing_models.lora_config: lora_alpha = 2 * r
 
 
 @pytest.fixture

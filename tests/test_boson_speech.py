@@ -11,7 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 
 from higgs_trainer.errors import UsageError
 from higgs_trainer.speech.backend import SpeechPrompt
-from tests.models import HIGGS_STACK
+from tests.testing_models import HIGGS_STACK
 
 pytestmark = pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal's HiggsAudioModel runs on transformers 4.46")
 PROMPT = SpeechPrompt("hello", "Hello there.")
@@ -227,8 +227,8 @@ def test_speak_on_a_checkpoint_gives_the_codes_and_audio_the_callback_heard(back
     from higgs_trainer import HiggsLoraTrainer
     from higgs_trainer.speech import SpeechSamplesCallback
     from higgs_trainer.speech.boson_backend import save_audio_tokenizer
-    from tests.cli import run_cli
-    from tests.models import RandomTokens, Wrapper, lora_config
+    from tests.testing_cli import run_cli
+    from tests.testing_models import RandomTokens, Wrapper, lora_config
 
     base = speech.tiny_speech_model()
     base_dir = tmp_path / "base_model"  # what `speak --base` loads: the base before LoRA, its tokenizer and codec
@@ -279,8 +279,8 @@ def test_the_best_checkpoint_follows_the_speech_metric_not_the_loss(backend, spe
 
     from higgs_trainer import HiggsLoraTrainer
     from higgs_trainer.speech import SpeechSamplesCallback
-    from tests.models import RandomTokens, Wrapper, lora_config
-    from tests.speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
+    from tests.testing_models import RandomTokens, Wrapper, lora_config
+    from tests.testing_speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
 
     scoring = LossMirroringScoring()
     callback = SpeechSamplesCallback([PROMPT], backend, max_new_tokens=8, scoring=scoring)

@@ -16,10 +16,10 @@ import pytest
 
 from higgs_trainer import convert_layout
 from higgs_trainer.convert import layouts
-from tests.cli import write_cli_inputs
-from tests.environment import missing
-from tests.launch import ROOT
-from tests.models import HIGGS_STACK
+from tests.testing_cli import write_cli_inputs
+from tests.testing_environment import missing
+from tests.testing_launch import ROOT
+from tests.testing_models import HIGGS_STACK
 
 THIS_LAYOUT = layouts.BOSON if HIGGS_STACK else layouts.TRANSFORMERS
 

@@ -16,8 +16,8 @@ from transformers import Trainer, TrainingArguments
 
 from higgs_trainer.extract import extraction
 from higgs_trainer.training.saving import clone_shared_tensors
-from tests.cli import assert_one_line_error, run_cli
-from tests.models import (
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_models import (
     HIGGS_STACK,
     RandomTokens,
     assert_same_tensors,
@@ -27,9 +27,9 @@ from tests.models import (
     tiny_base_model,
     training_args,
 )
-from tests.payloads import MaliciousPickle
+from tests.testing_payloads import MaliciousPickle
 
-ALPHA = "8"  # tests.models.lora_config: lora_alpha = 2 * r = 8
+ALPHA = "8"  # tests.testing_models.lora_config: lora_alpha = 2 * r = 8
 
 
 # The old scripts' plain Trainer (the tiny Higgs models of both stacks have no tied tensors, which it could not save).

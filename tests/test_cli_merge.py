@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from higgs_trainer import HiggsLoraTrainer
 from higgs_trainer.files import support_files
-from tests.cli import assert_one_line_error, rename_lora_modules, run_cli
-from tests.models import (
+from tests.testing_cli import assert_one_line_error, rename_lora_modules, run_cli
+from tests.testing_models import (
     HIGGS_STACK,
     VOCAB,
     RandomTokens,

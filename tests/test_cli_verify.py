@@ -10,9 +10,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.cli import rename_lora_modules, run_cli
-from tests.environment import missing
-from tests.models import RandomTokens, make_model, tiny_base_model, training_args
+from tests.testing_cli import rename_lora_modules, run_cli
+from tests.testing_environment import missing
+from tests.testing_models import RandomTokens, make_model, tiny_base_model, training_args
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

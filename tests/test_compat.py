@@ -10,7 +10,7 @@ from packaging.version import Version
 from transformers import Trainer
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import RandomTokens, make_model, training_args
+from tests.testing_models import RandomTokens, make_model, training_args
 
 OLD_TRANSFORMERS = Version(transformers.__version__) < Version("4.47")
 

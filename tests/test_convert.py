@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import CheckpointError, UsageError, convert_layout
 from higgs_trainer.convert import layouts
-from tests import higgs_layouts
-from tests.cli import assert_one_line_error, run_cli
-from tests.environment import missing
-from tests.models import HIGGS_STACK
+from tests import testing_higgs_layouts
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_environment import missing
+from tests.testing_models import HIGGS_STACK
 
 ROOT = Path(__file__).resolve().parent.parent
 THIS_STACK = "boson" if HIGGS_STACK else "transformers"
@@ -32,16 +32,16 @@ PYTHON_OF = {"boson": "HIGGS_TRAINER_HIGGS_PYTHON", "transformers": "HIGGS_TRAIN
 
 
 def on_stack(layout: str, command: str, directory: Path) -> None:
-    """Run ``python -m tests.higgs_layouts COMMAND DIR`` on the stack of ``layout``: here, or with the other venv."""
+    """Run ``python -m tests.testing_higgs_layouts COMMAND DIR`` on the stack of ``layout``: here, or with the other venv."""
     if layout == THIS_STACK:
-        higgs_layouts.main([command, str(directory)])
+        testing_higgs_layouts.main([command, str(directory)])
         return
     python = os.environ.get(PYTHON_OF[layout])
     if not python:
         missing(f"{PYTHON_OF[layout]} is unset: the {layout} half runs on the other stack (scripts/test.sh sets it)")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
-        [python, "-m", "tests.higgs_layouts", command, str(directory)],
+        [python, "-m", "tests.testing_higgs_layouts", command, str(directory)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -283,6 +283,16 @@ def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
     assert code == 1
     assert_one_line_error(err, "audio tower")
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_higgs_v2_defaults_table_is_transformers_own():
+    """layouts' one table of HiggsAudioV2Config defaults (what a saved config.json omits) equals transformers'."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "HiggsAudioV2Config"):
+        pytest.skip("transformers has no HiggsAudioV2Config on this stack (the newest stack runs this)")
+    defaults = transformers.HiggsAudioV2Config().to_dict()
+    table = layouts._HIGGS_V2_DEFAULTS
+    assert {name: defaults.get(name) for name in table} == table
 
 
 @pytest.mark.parametrize("output", ["checkpoint-2/lora_adapters", "hf", ".", "lora_adapters"])

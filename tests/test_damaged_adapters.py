@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
 from higgs_trainer.merge.base_model import empty_base_model
 from higgs_trainer.training.saving import write_lora_adapters
-from tests.cli import run_cli
-from tests.models import heads_to_save, make_model, make_speech_model, tiny_base_model, trained_like
-from tests.payloads import MaliciousPickle
+from tests.testing_cli import run_cli
+from tests.testing_models import heads_to_save, make_model, make_speech_model, tiny_base_model, trained_like
+from tests.testing_payloads import MaliciousPickle
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -200,7 +200,7 @@ def test_the_malicious_pickle_is_live(tmp_path):
     assert marker.exists()
 
 
-# modules_to_save heads, checked the way LoRA pairs are (tests.models.heads_to_save: three heads on both stacks)
+# modules_to_save heads, checked the way LoRA pairs are (tests.testing_models.heads_to_save: three heads on both stacks)
 HEADS = heads_to_save(tiny_base_model())
 
 

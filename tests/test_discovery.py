@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from higgs_trainer import AmbiguousLoraModelError, LoraModelNotFoundError, find_lora_model
-from tests.models import TwoComponents, Wrapper, lora_config, make_model, tiny_base_model
+from tests.testing_models import TwoComponents, Wrapper, lora_config, make_model, tiny_base_model
 
 
 def free_port() -> int:

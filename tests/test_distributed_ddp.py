@@ -9,8 +9,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
-from tests.launch import torchrun
-from tests.models import assert_same_tensors, logits_of, probe_batch, tiny_base_model
+from tests.testing_launch import torchrun
+from tests.testing_models import assert_same_tensors, logits_of, probe_batch, tiny_base_model
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,35 @@ def test_every_module_an_api_page_renders_imports():
     assert targets, "no ::: directives found in docs/"
     for target in targets:
         importlib.import_module(target)
+
+
+def _entry_points():
+    """The public names a user calls: functions and non-dataclass classes (the results and errors are not called)."""
+    import dataclasses
+    import inspect
+
+    for name in higgs_trainer.__all__:
+        value = getattr(higgs_trainer, name)
+        if inspect.isfunction(value) or (
+            inspect.isclass(value) and not dataclasses.is_dataclass(value) and not issubclass(value, Exception)
+        ):
+            yield name
+
+
+@pytest.mark.parametrize("name", list(_entry_points()))
+def test_every_public_entry_point_documents_its_arguments(name):
+    """Google-style ``Args:`` (what mkdocs.yml's mkdocstrings renders as a parameter table), naming every parameter."""
+    import inspect
+
+    value = getattr(higgs_trainer, name)
+    doc = inspect.cleandoc(value.__doc__ or "")
+    section = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)+)", doc, re.M)
+    assert section, f"higgs_trainer.{name}'s docstring has no Args: section"
+    signature = inspect.signature(value.__init__ if inspect.isclass(value) else value)
+    for parameter in list(signature.parameters.values()):
+        if parameter.name == "self":
+            continue
+        stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}.get(parameter.kind, "")
+        assert re.search(rf"^\s+{re.escape(stars + parameter.name)}:", section.group(1), re.M), (
+            f"higgs_trainer.{name}'s Args: does not describe {stars}{parameter.name}"
+        )

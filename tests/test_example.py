@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
-from tests.models import HIGGS_STACK, assert_resumed_exactly, final_adapter
+from tests.testing_models import HIGGS_STACK, assert_resumed_exactly, final_adapter
 
 pytestmark = pytest.mark.skipif(not HIGGS_STACK, reason="boson_multimodal imports only on the Higgs stack")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_higgs_lora.py"

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
 from higgs_trainer.training.trainer import fsdp_saves_full_state_dict
-from tests.launch import torchrun
-from tests.models import (
+from tests.testing_launch import torchrun
+from tests.testing_models import (
     HIGGS_STACK,
     heads_to_save,
     logits_of,

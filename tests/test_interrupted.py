@@ -15,10 +15,10 @@ import pytest
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError
 from higgs_trainer.cli import verify as cli_verify
 from higgs_trainer.files import atomic
-from tests.cli import run_cli, write_cli_inputs
-from tests.environment import missing
-from tests.launch import ROOT
-from tests.models import RandomTokens, make_model, training_args
+from tests.testing_cli import run_cli, write_cli_inputs
+from tests.testing_environment import missing
+from tests.testing_launch import ROOT
+from tests.testing_models import RandomTokens, make_model, training_args
 
 # 4. signals during extract and merge
 

@@ -2,7 +2,7 @@
 
 On the Higgs stack the model is the real HiggsAudioModel (DualFFN on both layers) trained with its
 text + audio loss; ``modules_to_save`` are the audio head, the text head and the codebook
-embeddings. The newest stack runs the same paths on its own model (``tests.models.heads_to_save``).
+embeddings. The newest stack runs the same paths on its own model (``tests.testing_models.heads_to_save``).
 
 Runs (module-scoped, 4 steps, checkpoints at 2 and 4):
 * ``heads``: LoRA on q/v plus the heads in ``modules_to_save``;
@@ -22,10 +22,11 @@ from transformers import Trainer, TrainerCallback
 
 from higgs_trainer import AdapterVerificationError, HiggsLoraTrainer, find_lora_model, verify_adapter
 from higgs_trainer.merge.base_model import model_init_kwargs
-from higgs_trainer.training.saving import clone_shared_tensors, expected_adapter_shapes
-from tests.cli import run_cli
-from tests.models import (
+from higgs_trainer.training.saving import clone_shared_tensors
+from tests.testing_cli import run_cli
+from tests.testing_models import (
     SpeechSamples,
+    adapter_shapes,
     assert_resumed_exactly,
     assert_same_tensors,
     heads_to_save,
@@ -159,7 +160,7 @@ def test_saved_adapter_reproduces_text_and_audio_logits_on_a_bare_base(runs, kin
 
 def test_post_save_verification_expects_every_module_to_save(runs, tmp_path):
     run = runs("heads")
-    expected = expected_adapter_shapes(find_lora_model(run.model).model)
+    expected = adapter_shapes(find_lora_model(run.model).model)
     assert sorted(k for k in expected if ".lora_" not in k) == head_keys(run.recorder.by_step[4])
     adapter = shutil.copytree(run.out / "lora_adapters", tmp_path / "adapter")
     tensors = load_file(str(adapter / WEIGHTS))

@@ -24,7 +24,7 @@ from higgs_trainer import (
 )
 from higgs_trainer.training import saving
 from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
-from tests.models import (
+from tests.testing_models import (
     RandomTokens,
     TwoComponents,
     Wrapper,

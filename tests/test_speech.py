@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 
 from higgs_trainer import HiggsLoraTrainer, verify_adapter
 from higgs_trainer.errors import LoraModelNotFoundError, MissingExtraError, UsageError
-from tests.cli import assert_one_line_error, run_cli
-from tests.models import HIGGS_STACK
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_models import HIGGS_STACK
 
 newest_stack = pytest.mark.skipif(
     HIGGS_STACK, reason="HiggsAudioV2ForConditionalGeneration ships with transformers 5.x"
@@ -211,7 +211,7 @@ def test_speak_errors_are_one_line(trained_run, capsys, tmp_path):
 
 @newest_stack
 def test_under_ddp_rank_0_samples_and_scores_the_other_rank_waits_and_agrees(tmp_path):
-    from tests.launch import torchrun
+    from tests.testing_launch import torchrun
 
     torchrun("ddp_speech.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
@@ -448,7 +448,7 @@ def test_flags_on_codes_and_waveforms():
 def test_the_best_checkpoint_follows_the_speech_metric_not_the_loss(tmp_path):
     """metric_for_best_model="speech_wer": the trainer keeps (and reloads) the checkpoint whose samples score best,
     from samples generated once per save, at the evaluation, and written into that checkpoint."""
-    from tests.speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
+    from tests.testing_speech_models import LossMirroringScoring, assert_best_follows_the_speech_metric
 
     scoring = LossMirroringScoring()
     trainer = build_trainer(
@@ -465,7 +465,7 @@ def test_a_real_tiny_whisper_scores_every_save_through_the_callback(tmp_path):
     """SpeechScoring with a Whisper model saved to disk: scores in speech.json, eval_speech_* in the metrics the trainer
     chose from, speech_* logged at a save without evaluation, and the page rewritten after each save."""
     from higgs_trainer.speech import SpeechPrompt, SpeechScoring
-    from tests.speech_models import save_tiny_whisper
+    from tests.testing_speech_models import save_tiny_whisper
 
     prompts = [SpeechPrompt("high", ex.PROMPTS["high"])]
     scoring = SpeechScoring(prompts, asr_model=save_tiny_whisper(tmp_path / "whisper"))
@@ -497,7 +497,7 @@ def test_a_real_tiny_whisper_scores_every_save_through_the_callback(tmp_path):
 @newest_stack
 def test_a_speech_best_metric_nothing_produces_fails_when_the_trainer_is_constructed(tmp_path):
     from higgs_trainer.errors import SpeechScorerError
-    from tests.speech_models import LossMirroringScoring
+    from tests.testing_speech_models import LossMirroringScoring
 
     no_similarity = r"no configured speech score produces 'speech_similarity'.*speaker_model="
     with pytest.raises(SpeechScorerError, match=no_similarity):

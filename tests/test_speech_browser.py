@@ -12,8 +12,8 @@ import os
 import pytest
 
 from higgs_trainer.speech.page import write_speech_page
-from tests.browser import CHROMIUM, check_page, screenshot
-from tests.speech_runs import make_run
+from tests.testing_browser import CHROMIUM, check_page, screenshot
+from tests.testing_speech_runs import make_run
 
 pytest.importorskip("soundfile")
 _REQUIRED = bool(os.environ.get("CI")) or os.environ.get("HIGGS_TRAINER_REQUIRE_BROWSER") == "1"

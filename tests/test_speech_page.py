@@ -12,8 +12,8 @@ import pytest
 from higgs_trainer.errors import NoSpeechSamplesError
 from higgs_trainer.speech.page import write_speech_page
 from higgs_trainer.speech.run_samples import read_run
-from tests.cli import assert_one_line_error, run_cli
-from tests.speech_runs import PROMPTS, make_run
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_speech_runs import PROMPTS, make_run
 
 pytest.importorskip("soundfile")
 

@@ -19,7 +19,7 @@ from higgs_trainer.errors import SpeechScorerError
 from higgs_trainer.speech.error_rate import ErrorRateScorer, error_rates, normalizer
 from higgs_trainer.speech.scoring import SpeechScoring, check_best_metric, summarize
 from higgs_trainer.speech.similarity import SpeakerSimilarityScorer
-from tests.speech_models import save_tiny_whisper, save_tiny_xvector, tone
+from tests.testing_speech_models import save_tiny_whisper, save_tiny_xvector, tone
 
 soundfile = pytest.importorskip("soundfile")
 

@@ -23,8 +23,8 @@ from higgs_trainer.merge import streaming as streaming_merge
 from higgs_trainer.merge.arithmetic import Scratch, merge_linear, row_blocks
 from higgs_trainer.merge.base_model import model_init_kwargs
 from higgs_trainer.merge.plan import LoraDelta
-from tests.cli import assert_one_line_error, run_cli
-from tests.models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_models import HIGGS_STACK, VOCAB, probe_batch, tiny_base_model
 
 LLAMA = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, LoraAdapterSavingMixin, find_lora_model, verify_adapter
-from tests.models import (
+from tests.testing_models import (
     HIGGS_STACK,
     EarliestIsBest,
     RandomTokens,

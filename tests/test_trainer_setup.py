@@ -6,9 +6,9 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, LoraAdapterSavingMixin, verify_adapter
-from tests.environment import need_module
-from tests.launch import torchrun
-from tests.models import (
+from tests.testing_environment import need_module
+from tests.testing_launch import torchrun
+from tests.testing_models import (
     HIGGS_STACK,
     RandomTokens,
     Wrapper,

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import HiggsLoraTrainer, HiggsTrainerError, merge_adapter
 from higgs_trainer.errors import AdapterVerificationError
 from higgs_trainer.verification.untrained import lora_init, starts_from_zero, untrained_problem
-from tests.cli import run_cli
-from tests.models import RandomTokens, Wrapper, lora_config, make_model, tiny_base_model, training_args
+from tests.testing_cli import run_cli
+from tests.testing_models import RandomTokens, Wrapper, lora_config, make_model, tiny_base_model, training_args
 
 UNTRAINED_WARNING = "never trained: every lora_B is still zero"
 

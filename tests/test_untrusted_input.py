@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import find_lora_model
 from higgs_trainer.training.saving import write_lora_adapters
-from tests.cli import assert_one_line_error, run_cli
-from tests.models import make_model, tiny_base_model, trained_like
+from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_models import make_model, tiny_base_model, trained_like
 
 # 1. a model directory's own code never runs, whatever the user answers
 

@@ -13,9 +13,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from higgs_trainer import verify_adapter
-from tests.environment import need_module
-from tests.launch import torchrun
-from tests.models import (
+from tests.testing_environment import need_module
+from tests.testing_launch import torchrun
+from tests.testing_models import (
     assert_resumed_exactly,
     final_adapter,
     heads_to_save,

@@ -15,7 +15,7 @@ from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
 from higgs_trainer.speech.boson_backend import BosonSpeechBackend, audio_tokenizer_from_config
-from tests.models import VOCAB
+from tests.testing_models import VOCAB
 
 CODEBOOKS, CODES = 4, 32  # the codec's and the model's: 4 codebooks of 32 codes (+ stream BOS 32, EOS 33)
 SAMPLE_RATE, RATIOS = 16000, [4, 4, 4, 5]  # 50 frames a second, as boson's 16 kHz configs

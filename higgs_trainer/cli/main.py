@@ -301,6 +301,9 @@ def _fail(command: str, exc: BaseException, status: int, debug: bool, unexpected
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``higgs-trainer`` with ``argv`` (default ``sys.argv[1:]``, as the program) and return the exit status.
 
+    Args:
+        argv: the command line after the program name, e.g. ``["verify", "out"]``.
+
     Examples:
         >>> main(["extract", "missing-dir", "--output", "out", "--lora-alpha", "32"])  # usage error, on stderr
         2

@@ -32,14 +32,13 @@ from safetensors.torch import save_file
 from ..errors import AdapterVerificationError, CheckpointError, HiggsTrainerError, UsageError, first_line, listed
 from ..files.atomic import staged_directory
 from ..files.paths import (
-    adapter_dirs_of,
     existing_directory,
-    holds_adapter_files,
     output_directory,
     read_adapter_config,
     read_adapter_tensors,
     read_json_object,
 )
+from ..files.runs import adapter_dirs_of, holds_adapter_files
 from ..files.safetensors_files import (
     StoredTensor,
     header_bytes,
@@ -51,7 +50,7 @@ from ..files.safetensors_files import (
 from ..files.support_files import copy_support_files
 from ..lora_keys import split_lora_key
 from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from ..verification.checks import lora_config_from_dict
+from ..verification.checks import configured_value, lora_config_from_dict
 from . import layouts
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
 
@@ -101,6 +100,14 @@ def convert_layout(
     (``HiggsAudioModel``). With ``base`` (a model directory of either layout), converted adapters
     are also loaded by peft onto that model, built empty from its config, and must show zero
     missing and zero unexpected adapter keys.
+
+    Args:
+        source: an adapter directory, a run or checkpoint directory (each ``lora_adapters`` in it),
+            or a full Higgs model directory (safetensors, sharded or not).
+        to: the layout to write, ``"transformers"`` or ``"boson"``.
+        output: the directory to write (absent or empty, unless ``overwrite``).
+        base: a model directory of either layout to load the converted adapters onto, as a check.
+        overwrite: replace ``output`` if it exists and is not empty.
 
     Examples:
         ```python
@@ -268,8 +275,6 @@ def _targets_module(config: dict, module: str) -> bool:
 
 def _check_converted_adapter(original: dict, config: dict, new_config: dict, to: str, where: str) -> None:
     """The converted config selects the same modules, ranks, alphas and saved modules as the original, key for key."""
-    from peft.utils.other import get_pattern_key
-
     back = {_new_key(_new_key(k, to), layouts.other(to)) for k in original}
     if back != set(original):
         raise CheckpointError(f"{where}: the converted keys do not map back to the original ones (nothing written)")
@@ -292,10 +297,9 @@ def _check_converted_adapter(original: dict, config: dict, new_config: dict, to:
                 f"{where}: the converted target_modules {new_config.get('target_modules')!r} do not select "
                 f"{new_module}; write them by hand as a list of module names (nothing written)"
             )
-        for field_name, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
-            old_patterns, new_patterns = config.get(field_name) or {}, new_config.get(field_name) or {}
-            old_value = old_patterns.get(get_pattern_key(old_patterns, old_module), config.get(default))
-            new_value = new_patterns.get(get_pattern_key(new_patterns, new_module), new_config.get(default))
+        for field_name, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+            old_value = configured_value(config, name, old_module)
+            new_value = configured_value(new_config, name, new_module)
             if old_value != new_value:
                 raise CheckpointError(
                     f"{where}: the converted {field_name} gives {new_module} {new_value}, not {old_value} (nothing written)"

@@ -310,7 +310,18 @@ _SHARED_AUDIO = (
 )
 # Where a transformers config keeps the boson settings it has no field for, so that converting back restores them.
 BOSON_SETTINGS = "higgs_trainer_boson_config"
-_DELAY_TOKEN_ID = 128014  # HiggsAudioV2Config's audio_delay_token_id default (boson has no such field)
+# transformers' HiggsAudioV2Config defaults (a saved config.json omits the values equal to them); boson has no
+# audio_delay_token_id field.
+_HIGGS_V2_DEFAULTS = dict(
+    vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+    num_key_value_heads=8, hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02,
+    rms_norm_eps=1e-5, pretraining_tp=1, attention_bias=False, attention_dropout=0.0, mlp_bias=False, head_dim=128,
+    bos_token_id=1, eos_token_id=128009, pad_token_id=128001, num_codebooks=8, codebook_size=1024,
+    audio_token_id=128016, audio_bos_token_id=128013, audio_stream_bos_id=1024, audio_stream_eos_id=1025,
+    audio_delay_token_id=128014,
+    rope_parameters={"rope_type": "llama3", "factor": 32.0, "rope_theta": 500000.0, "high_freq_factor": 0.5,
+                     "low_freq_factor": 0.125, "original_max_position_embeddings": 1024},
+)  # fmt: skip
 
 
 def _refuse_config(config: Mapping, where: str) -> None:
@@ -373,7 +384,7 @@ def boson_config_to_transformers(config: Mapping, where: str = "the model") -> d
     new["tie_word_embeddings"] = False  # text_lm_head is its own weight in both
     new.update({hf: top[boson] for boson, hf in _SHARED_AUDIO})
     new["codebook_size"] = top["audio_codebook_size"] + STREAM_TOKENS
-    new["audio_delay_token_id"] = top.get("audio_delay_token_id", _DELAY_TOKEN_ID)
+    new["audio_delay_token_id"] = top.get("audio_delay_token_id", _HIGGS_V2_DEFAULTS["audio_delay_token_id"])
     dtype = config.get("torch_dtype") or text.get("torch_dtype")
     if dtype:
         new["dtype"] = dtype
@@ -403,38 +414,11 @@ def transformers_config_to_boson(config: Mapping, where: str = "the model") -> d
         raise CheckpointError(
             f"{where} is not a {MODEL_TYPES[TRANSFORMERS]} config (model_type {config.get('model_type')!r})"
         )
-    defaults = dict(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        hidden_act="silu",
-        max_position_embeddings=2048,
-        initializer_range=0.02,
-        rms_norm_eps=1e-5,
-        pretraining_tp=1,
-        attention_bias=False,
-        attention_dropout=0.0,
-        mlp_bias=False,
-        head_dim=128,
-        bos_token_id=1,
-        eos_token_id=128009,
-        pad_token_id=128001,
-        num_codebooks=8,
-        codebook_size=1024,
-        audio_token_id=128016,
-        audio_bos_token_id=128013,
-        audio_stream_bos_id=1024,
-        audio_stream_eos_id=1025,
-    )  # fmt: skip  (HiggsAudioV2Config's defaults)
-    value = {**defaults, **config}
+    value = {**_HIGGS_V2_DEFAULTS, **config}
     new = copy.deepcopy(dict(config.get(BOSON_SETTINGS) or {}))
     text = dict(new.get("text_config") or {}, model_type="llama")
     text.update({name: value[name] for name in _SHARED_TEXT})
-    rope = dict(value.get("rope_parameters") or {"rope_type": "llama3", "factor": 32.0, "rope_theta": 500000.0,
-                "high_freq_factor": 0.5, "low_freq_factor": 0.125, "original_max_position_embeddings": 1024})  # fmt: skip
+    rope = dict(value.get("rope_parameters") or _HIGGS_V2_DEFAULTS["rope_parameters"])
     text["rope_theta"] = rope.pop("rope_theta", 10000.0)
     text["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
     text["pad_token_id"] = value["pad_token_id"]
@@ -442,7 +426,7 @@ def transformers_config_to_boson(config: Mapping, where: str = "the model") -> d
     new.update({"architectures": [ARCHITECTURES[BOSON]], "model_type": MODEL_TYPES[BOSON], "text_config": text})
     new.update({boson: value[hf] for boson, hf in _SHARED_AUDIO})
     new["audio_codebook_size"] = value["codebook_size"] - STREAM_TOKENS
-    new["audio_delay_token_id"] = value.get("audio_delay_token_id", _DELAY_TOKEN_ID)
+    new["audio_delay_token_id"] = value["audio_delay_token_id"]
     layers = list(range(value["num_hidden_layers"]))
     if new.get("audio_adapter_type") not in ("dual_ffn", "dual_ffn_fast_forward"):
         new["audio_adapter_type"] = "dual_ffn"
@@ -483,9 +467,7 @@ def expected_shapes(config: Mapping, layout: str, text_head: bool = True) -> dic
         (4, 8)
     """
     hf = boson_config_to_transformers(config) if layout == BOSON else {**config}
-    d = {**dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                num_attention_heads=24, num_key_value_heads=8, head_dim=128, num_codebooks=8, codebook_size=1024,
-                attention_bias=False, mlp_bias=False), **hf}  # fmt: skip
+    d = {**_HIGGS_V2_DEFAULTS, **hf}
     h, heads, kv = d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"] or d["num_attention_heads"]
     head_dim = d["head_dim"] or h // heads
     audio = d["num_codebooks"] * d["codebook_size"]

@@ -21,13 +21,8 @@ from safetensors.torch import save_file
 
 from ..errors import AdapterSaveError, AdapterVerificationError, CheckpointError, first_line, listed
 from ..files.atomic import staged_directory
-from ..files.checkpoint import (
-    CheckpointWeights,
-    LoraLayout,
-    LoraSettings,
-    find_lora_layout,
-    find_lora_settings,
-)
+from ..files.checkpoint import CheckpointWeights, LoraLayout, find_lora_layout
+from ..files.lora_settings import LoraSettings, find_lora_settings
 from ..files.paths import existing_directory, output_directory
 from ..names import CONFIG_NAME, SAFETENSORS_NAME
 from ..verification.checks import configured_rank, human_size, lora_config_from_dict, verify_adapter
@@ -156,9 +151,20 @@ def extract_adapter(
     Reads only the LoRA tensors and the trained copies of ``modules_to_save`` modules (never the
     frozen base weights), infers the wrapper prefix, target
     modules and ``r`` from keys and shapes, and takes ``lora_alpha`` as
-    `checkpoint.find_lora_settings` decides (refusing when it is unknown). The result loads
+    `lora_settings.find_lora_settings` decides (refusing when it is unknown). The result loads
     with ``PeftModel.from_pretrained(base, output)`` with no missing keys; it is verified before it
     is moved into place, and nothing is left behind if anything fails.
+
+    Args:
+        checkpoint: a ``checkpoint-N`` directory (or any directory) holding full weights:
+            ``model.safetensors``, sharded safetensors with an index, or ``pytorch_model.bin``.
+        output: the adapter directory to write (absent or empty, unless ``overwrite``).
+        lora_alpha: the ``lora_alpha`` used in training, when the run did not record it.
+        adapter_config: the run's ``adapter_config.json`` (or its directory), to take the LoRA
+            settings from.
+        prefix: the wrapper prefix to take (e.g. ``"model.text_model."``) when several PEFT
+            components hold LoRA tensors.
+        overwrite: replace ``output`` if it exists and is not empty.
 
     Raises:
         UsageError: a path does not exist, ``output`` is not empty (without ``overwrite``),

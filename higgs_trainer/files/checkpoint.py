@@ -37,11 +37,7 @@ from ..names import (
     SAFETENSORS_NAME,
 )
 from ..training.discovery import canonical_name
-
-# lora_alpha and the pickle reader moved to their own modules; importable from here as before.
-from .lora_settings import LoraSettings, find_lora_settings, read_lora_config_file
-from .paths import existing_directory, holds_adapter_files, output_directory
-from .pickles import pickled_attributes
+from .runs import checkpoint_like_dirs, holds_adapter_files
 from .safetensors_files import StoredTensor, read_stored_tensors, read_tensor, weight_files
 
 logger = logging.getLogger(__name__)
@@ -163,7 +159,7 @@ def _weight_files(directory: Path) -> list[Path]:
             f"{directory} holds an adapter ({SAFETENSORS_NAME}), not full weights: nothing to extract; "
             "check it with `higgs-trainer verify`"
         )
-    checkpoints = sorted(p.name for p in directory.glob("checkpoint-*") if p.is_dir())
+    checkpoints = sorted(p.name for p in checkpoint_like_dirs(directory))
     if checkpoints:
         raise CheckpointError(
             f"{directory} is a run directory without full weights of its own; pass one of its checkpoints: "
@@ -294,9 +290,34 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         ... }).keys
         {'model.base_model.model.q.lora_A.default.weight': 'base_model.model.q.lora_A.weight', 'model.base_model.model.q.lora_B.default.weight': 'base_model.model.q.lora_B.weight'}
     """
+    names = {key: canonical_name(key) for key in shapes}  # once per key: checkpoints have thousands
+    matches = _lora_keys_by_section(names, len(shapes))
+    chosen, adapter = _choose_section(matches, prefix)
+    section = chosen + PEFT_KEY_PREFIX
+    keys, out_shapes, saved_modules = _modules_to_save(names, shapes, section, adapter)
+    parts, lora_bias = _lora_tensors(matches[(chosen, adapter)], shapes, keys, out_shapes)
+    ranks = _ranks(parts)
+    r = sorted(Counter(ranks.values()).items(), key=lambda item: (-item[1], -item[0]))[0][0]
+    target_modules, others = _target_modules(tuple(sorted(ranks)), names, section)
+    return LoraLayout(
+        prefix=chosen,
+        keys=keys,
+        shapes=out_shapes,
+        other_modules=others,
+        ranks=ranks,
+        r=r,
+        target_modules=target_modules,
+        lora_bias=lora_bias,
+        modules_to_save=tuple(sorted(saved_modules)),
+    )
+
+
+def _lora_keys_by_section(
+    names: Mapping[str, str], num_keys: int
+) -> dict[tuple[str, str], dict[str, _CheckpointLoraKey]]:
+    """The checkpoint's LoRA keys by (wrapper prefix, adapter name); `CheckpointError` for LoRA variants or none at all."""
     matches: dict[tuple[str, str], dict[str, _CheckpointLoraKey]] = defaultdict(dict)
     odd = []
-    names = {key: canonical_name(key) for key in shapes}  # once per key: checkpoints have thousands
     for key, name in names.items():
         match = _checkpoint_lora_key(name)
         if match:
@@ -310,9 +331,14 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         )
     if not matches:
         raise CheckpointError(
-            f"no LoRA tensors among the checkpoint's {len(shapes)} keys (no '...base_model.model.<module>.lora_A.<adapter>' "
+            f"no LoRA tensors among the checkpoint's {num_keys} keys (no '...base_model.model.<module>.lora_A.<adapter>' "
             "key): it was not trained with LoRA, or the adapter was merged before saving"
         )
+    return matches
+
+
+def _choose_section(matches: Mapping[tuple[str, str], object], prefix: str | None) -> tuple[str, str]:
+    """The one (prefix, adapter) to extract: ``prefix`` when given, else the only one there is."""
     prefixes = sorted({p for p, _ in matches})
     if prefix is not None:
         wanted = prefix if not prefix or prefix.endswith(".") else prefix + "."
@@ -327,8 +353,13 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         raise CheckpointError(
             f"{len(adapters)} adapters under prefix {chosen!r} ({listed(adapters)}); extract handles one"
         )
-    adapter = adapters[0]
-    section = chosen + PEFT_KEY_PREFIX
+    return chosen, adapters[0]
+
+
+def _modules_to_save(
+    names: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], section: str, adapter: str
+) -> tuple[dict[str, str], dict[str, tuple[int, ...]], set[str]]:
+    """``(keys, shapes, modules)`` of the trained ``modules_to_save`` copies under ``section``, keyed as peft saves them."""
     keys: dict[str, str] = {}
     out_shapes: dict[str, tuple[int, ...]] = {}
     saved_modules, other_adapter, empty_saved = set(), [], []
@@ -353,9 +384,19 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         raise CheckpointError(
             f"{len(empty_saved)} modules_to_save tensor(s) are empty (partitioned ZeRO-3 save?): {listed(empty_saved)}"
         )
+    return keys, out_shapes, saved_modules
+
+
+def _lora_tensors(
+    matches: Mapping[str, _CheckpointLoraKey],
+    shapes: Mapping[str, tuple[int, ...]],
+    keys: dict[str, str],
+    out_shapes: dict[str, tuple[int, ...]],
+) -> tuple[dict[str, dict[str, tuple[int, ...]]], bool]:
+    """Add the LoRA tensors' adapter keys and shapes to ``keys`` / ``out_shapes``; ``(matrix shapes by module, lora_bias)``."""
     parts: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     lora_bias = False
-    for key, match in sorted(matches[(chosen, adapter)].items()):
+    for key, match in sorted(matches.items()):
         module, part, param = match.module, match.part, match.param
         target = f"{PEFT_KEY_PREFIX}{module}.{part}{param}"
         keys[key] = target
@@ -364,7 +405,11 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
             lora_bias = True
         else:
             parts[module][part] = tuple(shapes[key])
+    return parts, lora_bias
 
+
+def _ranks(parts: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str, int]:
+    """Each LoRA module's rank, from its pair's shapes; `CheckpointError` for unpaired, empty or disagreeing pairs."""
     unpaired, empty, bad_rank = [], [], []
     ranks: dict[str, int] = {}
     for module, found in sorted(parts.items()):
@@ -389,38 +434,25 @@ def find_lora_layout(shapes: Mapping[str, tuple[int, ...]], prefix: str | None =
         )
     if bad_rank:
         raise CheckpointError(f"{len(bad_rank)} LoRA pair(s) have ranks that disagree: {listed(bad_rank)}")
-    r = sorted(Counter(ranks.values()).items(), key=lambda item: (-item[1], -item[0]))[0][0]
-    modules = tuple(sorted(ranks))
+    return ranks
+
+
+def _target_modules(
+    modules: tuple[str, ...], names: Mapping[str, str], section: str
+) -> tuple[list[str] | str, frozenset[str]]:
+    """``(target_modules, the section's other modules)``: leaf names, or exact paths where a leaf also names others."""
     all_modules = {_module_of(name[len(section) :]) for name in names.values() if name.startswith(section)}
     others = frozenset(all_modules - set(modules))
     leaves = {m.rsplit(".", 1)[-1] for m in modules}
     if any(m.rsplit(".", 1)[-1] in leaves for m in others):
         # a leaf name also names modules without LoRA: only the exact paths reproduce the targets
-        target_modules: list[str] | str = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
-    else:
-        target_modules = sorted(leaves)
-    return LoraLayout(
-        prefix=chosen,
-        keys=keys,
-        shapes=out_shapes,
-        other_modules=others,
-        ranks=ranks,
-        r=r,
-        target_modules=target_modules,
-        lora_bias=lora_bias,
-        modules_to_save=tuple(sorted(saved_modules)),
-    )
+        return "^(" + "|".join(re.escape(m) for m in modules) + ")$", others
+    return sorted(leaves), others
 
 
 __all__ = [
     "CheckpointWeights",
     "LoraLayout",
-    "LoraSettings",
-    "existing_directory",
     "find_lora_layout",
-    "find_lora_settings",
-    "output_directory",
-    "pickled_attributes",
     "progress_bar",
-    "read_lora_config_file",
 ]

@@ -19,8 +19,9 @@ from pathlib import Path
 from ..errors import CheckpointError, HiggsTrainerError, UsageError
 from ..names import ADAPTER_DIRNAME, CONFIG_NAME
 from ..verification.checks import is_valid_alpha
-from .paths import own_adapter_dir, read_json_object
+from .paths import read_json_object
 from .pickles import pickled_attributes
+from .runs import own_adapter_dir, run_dir_of
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,8 @@ def find_lora_settings(
             raise UsageError(f"--lora-alpha must be a positive number, got {lora_alpha}")
         return LoraSettings(float(lora_alpha), "--lora-alpha")
     checkpoint = Path(checkpoint)
-    directories = [checkpoint]
-    if checkpoint.name.startswith("checkpoint-"):
-        directories.append(checkpoint.parent)  # the run directory, named as the user named the checkpoint
-    elif checkpoint.resolve().name.startswith("checkpoint-"):  # "." or a symlink
-        directories.append(checkpoint.resolve().parent)
+    run_dir = run_dir_of(checkpoint)
+    directories = [checkpoint] + ([run_dir] if run_dir is not None else [])
     for directory in directories:
         for name in _ALPHA_FILES:
             path = directory / name

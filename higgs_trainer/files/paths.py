@@ -1,22 +1,18 @@
-"""Which directories a path stands for, and reading an adapter's files: the one place every command resolves paths.
+"""The directories a user names (an input that must exist, an output that may be written), and reading an adapter's files.
 
-An adapter directory is found by content (its ``adapter_config.json`` or weights), in a checkpoint's
-or run's ``lora_adapters/``, and also where an interrupted re-save left it moved aside
-(`atomic.find_directory`), so every reader sees the same adapter.
+Which adapter directories a run or checkpoint holds is `runs`' concern.
 
 Examples:
     >>> import torch
     >>> from peft import LoraConfig, get_peft_model
-    >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
-    >>> directory = resolve_adapter_dir("out/checkpoint-500")
-    >>> sorted(read_adapter_tensors(directory))
+    >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
+    >>> sorted(read_adapter_tensors(existing_directory("out/lora_adapters", "adapter")))
     ['base_model.model.q_proj.lora_A.weight', 'base_model.model.q_proj.lora_B.weight']
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,11 +21,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import AdapterVerificationError, HiggsTrainerError, UsageError, first_line
-from ..names import ADAPTER_DIRNAME, CONFIG_NAME, FULL_WEIGHT_FILES, PICKLE_NAME, SAFETENSORS_NAME
-from .atomic import find_directory
-
-logger = logging.getLogger(__name__)
-
+from ..names import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 # directories the user names
 
@@ -98,110 +90,6 @@ def check_apart(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]) 
             raise UsageError(f"output {output} lies inside the input {source}; choose a directory outside it")
 
 
-# adapter directories
-
-
-def holds_adapter_files(directory: Path) -> bool:
-    """True when ``directory`` holds an adapter's own files (its config or weights) at its top level.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/lora_adapters")
-        >>> holds_adapter_files(Path("out/lora_adapters")), holds_adapter_files(Path("out"))
-        (True, False)
-    """
-    return any((directory / name).is_file() for name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME))
-
-
-def _step(checkpoint: Path) -> tuple[int, str]:
-    suffix = checkpoint.name.rsplit("-", 1)[-1]
-    return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
-
-
-def adapter_dirs_of(path: str | Path) -> list[Path]:
-    """The adapter directories ``path`` stands for: itself, a checkpoint's ``lora_adapters``, or a run's final and every ``checkpoint-*``.
-
-    A checkpoint that holds full weights but no ``lora_adapters`` still yields its (missing)
-    ``lora_adapters`` path, so the check reports it. Raises `AdapterVerificationError` when
-    ``path`` is none of these.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> peft_model = get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"]))
-        >>> for directory in ("out/checkpoint-2", "out/checkpoint-4", "out"):
-        ...     peft_model.save_pretrained(f"{directory}/lora_adapters")
-        >>> [str(p) for p in adapter_dirs_of("out")]
-        ['out/lora_adapters', 'out/checkpoint-2/lora_adapters', 'out/checkpoint-4/lora_adapters']
-    """
-    path = find_directory(path)
-    if not path.is_dir():
-        raise AdapterVerificationError(f"{path} is not a directory")
-    if holds_adapter_files(path):
-        return _with_named_adapters(path)
-    own = own_adapter_dir(path)
-    has_own = own.is_dir() or any((path / name).is_file() for name in FULL_WEIGHT_FILES)
-    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.is_dir()), key=_step)
-    if not has_own and not checkpoints:
-        raise AdapterVerificationError(
-            f"{path} is not an adapter, checkpoint or run directory: no {CONFIG_NAME}, no {ADAPTER_DIRNAME}/, "
-            "no model weights, no checkpoint-*/"
-        )
-    return [
-        d
-        for a in ([own] if has_own else []) + [_adapter_of_checkpoint(c) for c in checkpoints]
-        for d in _with_named_adapters(a)
-    ]
-
-
-def _adapter_of_checkpoint(checkpoint: Path) -> Path:
-    """A checkpoint's ``lora_adapters``, or the checkpoint itself where peft's own saving put the adapter at its root."""
-    own = own_adapter_dir(checkpoint)
-    if not own.exists() and holds_adapter_files(checkpoint):
-        return checkpoint
-    return own
-
-
-def _with_named_adapters(directory: Path) -> list[Path]:
-    """``directory`` and the subdirectories peft writes for adapters not named ``default``."""
-    if not directory.is_dir():
-        return [directory]
-    named = sorted(sub for sub in directory.iterdir() if sub.is_dir() and (sub / CONFIG_NAME).is_file())
-    top = not named or holds_adapter_files(directory)
-    return ([directory] if top else []) + named
-
-
-def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """``path`` if it is an adapter directory, else its ``lora_adapters`` (a checkpoint or run directory).
-
-    The one-adapter form of `adapter_dirs_of`, for commands that take one adapter (merge, convert).
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained("out/checkpoint-500/lora_adapters")
-        >>> resolve_adapter_dir("out/checkpoint-500")
-        PosixPath('out/checkpoint-500/lora_adapters')
-    """
-    path = existing_directory(find_directory(path), "adapter")
-    own = own_adapter_dir(path)
-    if not (path / CONFIG_NAME).is_file() and (own / CONFIG_NAME).is_file():
-        logger.info("Using the adapter in %s", own)
-        return own
-    return path
-
-
-def own_adapter_dir(directory: Path) -> Path:
-    """``directory``'s ``lora_adapters``, or where an interrupted re-save left it moved aside (may not exist).
-
-    Examples:
-        >>> own_adapter_dir(Path("out/checkpoint-500"))
-        PosixPath('out/checkpoint-500/lora_adapters')
-    """
-    return find_directory(directory / ADAPTER_DIRNAME)
-
-
 # reading an adapter's files
 
 
@@ -255,14 +143,10 @@ def read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
-    "adapter_dirs_of",
     "check_apart",
     "existing_directory",
-    "holds_adapter_files",
     "output_directory",
-    "own_adapter_dir",
     "read_adapter_config",
     "read_adapter_tensors",
     "read_json_object",
-    "resolve_adapter_dir",
 ]

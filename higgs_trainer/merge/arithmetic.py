@@ -45,10 +45,10 @@ class Scratch:
 
 
 def add_float32(weight: torch.Tensor, delta: torch.Tensor, wide: torch.Tensor | None = None) -> None:
-    """``weight += delta`` for a float32 ``delta``: peft's in-place add, the same bits, three times faster on CPU.
+    """``weight += delta`` for a float32 ``delta``: peft's in-place add, the same bits, faster on CPU.
 
     torch computes a bf16/fp16 ``weight += fp32`` in float32 and rounds the sum to the weight's
-    dtype (round to nearest even), element by element in a slow mixed-dtype loop. The same sum
+    dtype (round to nearest even), element by element in a slow mixed-dtype loop (benchmarks/README.md, "Measurements behind the code"). The same sum
     is computed here in vectorised steps: the weight widened to float32 (exact) into ``wide``
     (a float32 buffer of the weight's shape), ``+ delta``, and the result rounded back by ``copy_``
     (also round to nearest even).
@@ -107,8 +107,8 @@ def merge_linear(weight: torch.Tensor, delta: LoraDelta, scratch: Scratch) -> No
 
     Computed a block of `_BLOCK_ROWS` rows at a time where that gives the same bits
     (`blocks_reproduce`), so the float32 product and sum of a block stay in the CPU's cache instead
-    of passing through memory several times: 40% less time for a 5632x2048 bf16 weight on this
-    project's benchmark machine. The operations on each element are the same either way.
+    of passing through memory several times (benchmarks/README.md, "Measurements behind the code"). The operations on each element are the
+    same either way.
     """
     rows = weight.shape[0]
     if delta.fan_in_fan_out or rows < 2 * _BLOCK_ROWS or not blocks_reproduce(delta, scratch):

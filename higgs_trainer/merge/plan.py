@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from ..errors import AdapterVerificationError, MergeError, listed
 from ..files.safetensors_files import StoredTensor
 from ..lora_keys import split_lora_key
 from ..names import PEFT_KEY_PREFIX
+from ..verification.checks import configured_value
 from ..verification.untrained import lora_init
 
 IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"
@@ -163,6 +163,43 @@ def plan_merge(
     """
     check_streamable_config(config, adapter_dir)
     plan = MergePlan()
+    pairs = _lora_pairs(tensors, stored, plan, adapter_dir)
+    configured_fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    ambiguous, contradicting = [], []
+    for module, parts in pairs.items():
+        delta, transposed = _lora_delta(module, parts, config, stored, adapter_dir)
+        plan.deltas[delta.target] = delta
+        if delta.bias_target is not None:
+            plan.bias[delta.bias_target] = delta
+        if delta.embedding:
+            continue
+        if transposed is None:
+            ambiguous.append(delta)
+        else:
+            delta.fan_in_fan_out = transposed
+            if transposed != configured_fan_in_fan_out:
+                contradicting.append(module)
+    if ambiguous and contradicting:
+        raise MergeError(
+            f"the adapter's fan_in_fan_out={configured_fan_in_fan_out} does not hold for {listed(contradicting)}, so "
+            f"the layout of the square weight(s) {listed(d.target for d in ambiguous)} is unknown without the model; "
+            + IN_MEMORY
+        )
+    for delta in ambiguous:
+        delta.fan_in_fan_out = configured_fan_in_fan_out
+    base_dir = next(iter(stored.values())).file.parent if stored else Path("the base")
+    check_floating_targets({name: t.torch_dtype for name, t in stored.items()}, [*plan.deltas, *plan.bias], base_dir)
+    return plan
+
+
+def _lora_pairs(
+    tensors: Mapping[str, torch.Tensor], stored: Mapping[str, StoredTensor], plan: MergePlan, adapter_dir: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's LoRA tensors by module (``lora_A``, ``lora_B``, ``lora_B.bias``, ...); other tensors go to ``plan.replace``.
+
+    Refuses a tensor that matches no base tensor, one the streaming merge does not handle (DoRA, other
+    LoRA variants) and a LoRA module whose weight is not in the base.
+    """
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unmatched, unsupported = [], []
     for key, value in tensors.items():
@@ -195,68 +232,57 @@ def plan_merge(
         )
     if unsupported:
         raise MergeError(f"the streaming merge does not handle adapter tensor(s) {listed(unsupported)}; " + IN_MEMORY)
-
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    configured_fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     absent = [module for module in pairs if f"{module}.weight" not in stored]
     if absent:
         raise AdapterVerificationError(
             f"the adapter at {adapter_dir} does not fit the base model: {len(absent)} LoRA module(s) are not in the "
             f"base model (no weight of that name in its safetensors): {listed(absent)}"
         )
-    ambiguous, contradicting = [], []
-    for module, parts in pairs.items():
-        embedding = "lora_embedding_A" in parts
-        a = parts.get("lora_embedding_A" if embedding else "lora_A")
-        b = parts.get("lora_embedding_B" if embedding else "lora_B")
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2:
-            raise MergeError(
-                f"the streaming merge handles 2-D LoRA pairs of linear and embedding layers; {module!r} is not one; "
-                + IN_MEMORY
-            )
-        target = f"{module}.weight"
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r"))
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha"))
-        if not isinstance(r, int) or r <= 0 or a.shape[0] != r or b.shape[1] != r:
-            raise AdapterVerificationError(
-                f"the LoRA pair of {module!r} has rank {a.shape[0]}, the adapter config says r={r}"
-            )
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        # peft holds the adapter weights in float32 (PeftModel.from_pretrained's autocast_adapter_dtype upcasts
-        # fp16/bf16 ones; its state-dict load copies the file's values into them).
-        delta = LoraDelta(target, a.to(torch.float32), b.to(torch.float32), scaling, embedding=embedding)
-        out_in = (int(b.shape[0]), int(a.shape[1]))
-        if embedding:
-            if stored[target].shape != out_in[::-1]:
-                raise AdapterVerificationError(
-                    f"the embedding LoRA of {module!r} makes a {out_in[::-1]} delta, its weight is {stored[target].shape}"
-                )
-        else:
-            transposed = _orientation(module, stored[target], out_in)
-            if transposed is None:
-                ambiguous.append(delta)
-            else:
-                delta.fan_in_fan_out = transposed
-                if transposed != configured_fan_in_fan_out:
-                    contradicting.append(module)
-        bias = parts.get("lora_B.bias")
-        if bias is not None:
-            bias_target = f"{module}.bias"
-            if bias_target not in stored:
-                raise MergeError(
-                    f"the adapter at {adapter_dir} has lora_bias for {module!r}, whose layer has no bias in the base"
-                )
-            delta.bias, delta.bias_target = bias.to(torch.float32), bias_target
-            plan.bias[bias_target] = delta
-        plan.deltas[target] = delta
-    if ambiguous and contradicting:
+    return pairs
+
+
+def _lora_delta(
+    module: str,
+    parts: Mapping[str, torch.Tensor],
+    config: Mapping,
+    stored: Mapping[str, StoredTensor],
+    adapter_dir: Path,
+) -> tuple[LoraDelta, bool | None]:
+    """The change one LoRA pair (and its ``lora_bias``) makes to ``module``'s weight, checked against the config and the base.
+
+    With it, whether the base's weight shape says the pair merges transposed (`_orientation`; None
+    for a square weight, and for an embedding): `plan_merge` settles ``fan_in_fan_out`` across modules.
+    """
+    embedding = "lora_embedding_A" in parts
+    a = parts.get("lora_embedding_A" if embedding else "lora_A")
+    b = parts.get("lora_embedding_B" if embedding else "lora_B")
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2:
         raise MergeError(
-            f"the adapter's fan_in_fan_out={configured_fan_in_fan_out} does not hold for {listed(contradicting)}, so "
-            f"the layout of the square weight(s) {listed(d.target for d in ambiguous)} is unknown without the model; "
+            f"the streaming merge handles 2-D LoRA pairs of linear and embedding layers; {module!r} is not one; "
             + IN_MEMORY
         )
-    for delta in ambiguous:
-        delta.fan_in_fan_out = configured_fan_in_fan_out
-    base_dir = next(iter(stored.values())).file.parent if stored else Path("the base")
-    check_floating_targets({name: t.torch_dtype for name, t in stored.items()}, [*plan.deltas, *plan.bias], base_dir)
-    return plan
+    target = f"{module}.weight"
+    r, alpha = configured_value(config, "r", module), configured_value(config, "lora_alpha", module)
+    if not isinstance(r, int) or r <= 0 or a.shape[0] != r or b.shape[1] != r:
+        raise AdapterVerificationError(
+            f"the LoRA pair of {module!r} has rank {a.shape[0]}, the adapter config says r={r}"
+        )
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    # peft holds the adapter weights in float32 (PeftModel.from_pretrained's autocast_adapter_dtype upcasts
+    # fp16/bf16 ones; its state-dict load copies the file's values into them).
+    delta = LoraDelta(target, a.to(torch.float32), b.to(torch.float32), scaling, embedding=embedding)
+    out_in = (int(b.shape[0]), int(a.shape[1]))
+    if embedding and stored[target].shape != out_in[::-1]:
+        raise AdapterVerificationError(
+            f"the embedding LoRA of {module!r} makes a {out_in[::-1]} delta, its weight is {stored[target].shape}"
+        )
+    transposed = None if embedding else _orientation(module, stored[target], out_in)
+    bias = parts.get("lora_B.bias")
+    if bias is not None:
+        bias_target = f"{module}.bias"
+        if bias_target not in stored:
+            raise MergeError(
+                f"the adapter at {adapter_dir} has lora_bias for {module!r}, whose layer has no bias in the base"
+            )
+        delta.bias, delta.bias_target = bias.to(torch.float32), bias_target
+    return delta, transposed

@@ -6,8 +6,11 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import peft
 import torch
 import transformers
+
+from .._version import __version__
 
 
 @dataclass
@@ -68,10 +71,6 @@ def merge_info(
 
 
 def _versions() -> dict[str, str]:
-    import peft
-
-    from .._version import __version__
-
     return {
         "higgs_trainer": __version__,
         "transformers": transformers.__version__,

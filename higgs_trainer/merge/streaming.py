@@ -58,8 +58,8 @@ def _one_compute_thread() -> Iterator[None]:
     """torch's intra-op threads set to one while merging, restored after.
 
     The arithmetic is a few memory-bound passes per weight and rank-r products, and the writer
-    thread needs a core for the I/O; OpenMP workers spinning on a busy machine made the merge three
-    times slower (2.1 s vs 6.7 s on 2 shared cores, ``benchmarks/README.md``). The results do not
+    thread needs a core for the I/O; OpenMP workers spinning on a busy machine made the merge several
+    times slower (benchmarks/README.md, "Measurements behind the code"). The results do not
     depend on it: elementwise kernels and the products' per-element sums are the same either way
     (the tests compare with peft's merge running on all threads).
     """
@@ -77,11 +77,11 @@ class ReadAhead:
     At most ``_READ_AHEAD`` tensors and ``_PIPELINE_BYTES`` wait read; a tensor larger than that
     is read when it is asked for. Reading on a thread of its own lets the disk work while this
     thread computes: the kernel's readahead (``posix_fadvise(WILLNEED)``) was tried first and left
-    the reads on the computing thread's path (2.2 s of 7.5 s at 2.9 GiB, ``benchmarks/README.md``).
+    the reads on the computing thread's path (benchmarks/README.md, "Measurements behind the code").
 
     The buffers read into are handed back (`give_back`) once written and reused for tensors of
-    the same size. Freshly allocated for each tensor, they made the peak memory swing by 120 MiB
-    between identical runs (the allocator's per-thread heaps) and cost a page fault per 4 KiB.
+    the same size. Freshly allocated for each tensor, they made the peak memory swing between
+    identical runs (the allocator's per-thread heaps) and cost a page fault per page.
     """
 
     def __init__(self, tensors: Iterable[StoredTensor], pool: ThreadPoolExecutor) -> None:
@@ -285,7 +285,7 @@ def stream_merge(
     (`safetensors_files.read_stored_tensors`), as that check read them. ``max_shard_size`` (bytes or a size like
     ``"5GB"``) defaults to that of the installed transformers' ``save_pretrained``. ``check`` (of the
     base, `base_model.check_base_complete`) runs on a thread while the merge streams (it imports and
-    builds the model on the meta device, about a second) and must pass before anything is committed.
+    builds the model on the meta device) and must pass before anything is committed.
 
     Examples:
         ```python

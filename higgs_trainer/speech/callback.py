@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 
 from ..errors import UsageError, first_line
 from ..files.atomic import staged_directory
-from ..files.runs import is_complete_checkpoint
+from ..files.runs import CHECKPOINT_PREFIX, is_complete_checkpoint
 from ..training.discovery import find_lora_model
 from .audio_files import require_speech_extra
 from .backend import SpeechBackend, SpeechPrompt
@@ -267,7 +267,7 @@ class SpeechSamplesCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """After Trainer wrote ``checkpoint-N`` completely: sample into ``checkpoint-N/speech``, rewrite the page."""
         output_dir = Path(self.trainer._get_output_dir(trial=None))
-        checkpoint = output_dir / f"checkpoint-{state.global_step}"
+        checkpoint = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         self.sample_into(checkpoint, global_step=state.global_step, require_checkpoint=True)
         if self.write_page and args.should_save and not self._skipped_reason:
             self._write_page(output_dir)

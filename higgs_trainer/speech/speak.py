@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import UsageError, first_line
-from ..files.paths import existing_directory, resolve_adapter_dir
-from ..files.runs import checkpoints_of, is_complete_checkpoint
+from ..files.paths import existing_directory
+from ..files.runs import checkpoints_of, is_complete_checkpoint, resolve_adapter_dir
 from ..names import ADAPTER_DIRNAME, CONFIG_NAME
 from .audio_files import require_speech_extra
 from .backend import SpeechBackend, SpeechPrompt

@@ -121,6 +121,11 @@ def find_lora_model(model: torch.nn.Module, path: str | None = None) -> LoraComp
     either behind DDP, DataParallel, DeepSpeed or ``torch.compile``. Pass ``path`` (e.g.
     ``"model.text_model"``) to choose when the model holds more than one.
 
+    Args:
+        model: the model handed to the trainer: a ``PeftModel``, or a module holding one, possibly
+            wrapped by DDP, DataParallel, DeepSpeed or ``torch.compile``.
+        path: the dotted path of the ``PeftModel`` to take, when there are several.
+
     Raises:
         LoraModelNotFoundError: there is no ``PeftModel``, or none at ``path``.
         AmbiguousLoraModelError: there are several and ``path`` was not given.

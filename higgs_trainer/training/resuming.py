@@ -16,8 +16,8 @@ from peft.utils import set_peft_model_state_dict
 
 from ..errors import AdapterVerificationError, HiggsTrainerError
 from ..files.atomic import find_directory
-from ..files.paths import own_adapter_dir, read_adapter_tensors
-from ..files.runs import CHECKPOINT_NAME, checkpoints_of, is_complete_checkpoint
+from ..files.paths import read_adapter_tensors
+from ..files.runs import checkpoints_of, is_complete_checkpoint, is_interrupted_checkpoint, own_adapter_dir
 from ..names import ADAPTER_ONLY_MARKER, TRAINER_STATE
 from .discovery import LoraComponent
 
@@ -63,7 +63,7 @@ def checkpoint_to_resume(output_dir: str | os.PathLike, requested: str | os.Path
             )
         return str(complete[-1])
     checkpoint = Path(requested)
-    if CHECKPOINT_NAME.match(checkpoint.name) and checkpoint.is_dir() and not is_complete_checkpoint(checkpoint):
+    if is_interrupted_checkpoint(checkpoint):
         complete = [c for c in checkpoints_of(checkpoint.parent) if is_complete_checkpoint(c)]
         instead = f"resume from {complete[-1]}" if complete else "no complete checkpoint is left in that run"
         raise HiggsTrainerError(

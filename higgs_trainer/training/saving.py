@@ -57,40 +57,57 @@ class SavedAdapter:
     untrained: tuple[str, ...] = ()  # the adapter directories whose LoRA tensors still equal peft's zero init
 
 
-def expected_adapter_shapes(
+AdapterStates = dict[str, dict[str, torch.Tensor]]  # adapter name -> its adapter state dict (peft's keys)
+
+
+def _what_to_write(
     peft_model: PeftModel,
-    adapter_name: str = "default",
-    save_embedding_layers: bool = False,
-    gathered: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[int, ...]]:
-    """The keys and full shapes an adapter file of ``peft_model`` must hold, read from the live model.
+    component_state: dict[str, torch.Tensor] | None,
+    state_dict_is_live: bool,
+    save_embedding_layers: bool,
+) -> tuple[AdapterStates, dict[str, dict[str, tuple[int, ...]]]]:
+    """``(to_write, expected_shapes)``: each adapter's state dict to write, and the full shapes its file must have.
 
-    Uses DeepSpeed's ``ds_shape`` where parameters are partitioned, so the answer is the full
-    shape even when the local tensor is empty. Inside FSDP1 units the live ``state_dict()`` is a
-    collective, which the one writing process must not start: there the shapes come from
-    ``gathered``, the component's part of the state dict that was gathered for saving.
-
-    Examples:
-        >>> import torch
-        >>> from peft import LoraConfig, get_peft_model
-        >>> expected_adapter_shapes(get_peft_model(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), LoraConfig(r=2, target_modules=["q_proj"])))
-        {'base_model.model.q_proj.lora_A.weight': (2, 8), 'base_model.model.q_proj.lora_B.weight': (8, 2)}
+    What is written comes from the component's part of a passed state dict when there is one (the
+    gathered dict DeepSpeed or FSDP hand to ``_save``), else from the live model. The expected shapes
+    always come from the live model (DeepSpeed's ``ds_shape`` where partitioned), so a wrong gathered
+    dict cannot vouch for itself; a passed state dict of the live tensors themselves
+    (``state_dict_is_live``) serves as both, rather than asking the live model for them again.
     """
-    adapter_state = _adapter_state(peft_model, adapter_name, save_embedding_layers, gathered)
-    return {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in adapter_state.items()}
+    names = list(peft_model.peft_config)
+    passed = None
+    if component_state is not None:
+        passed = {name: _adapter_state(peft_model, name, save_embedding_layers, component_state) for name in names}
+    if passed is not None and state_dict_is_live:
+        live = passed
+    else:
+        live = {name: _live_adapter_state(peft_model, name, save_embedding_layers, component_state) for name in names}
+    expected_shapes = {
+        name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
+        for name, state in live.items()
+    }
+    return (live if passed is None else passed), expected_shapes
 
 
 def _adapter_state(
+    peft_model: PeftModel, adapter_name: str, save_embedding_layers: bool, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """peft's adapter state dict (``get_peft_model_state_dict``) of one adapter, from ``state_dict``."""
+    return get_peft_model_state_dict(
+        peft_model, state_dict=state_dict, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
+    )
+
+
+def _live_adapter_state(
     peft_model: PeftModel, adapter_name: str, save_embedding_layers: bool, gathered: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    """peft's adapter state dict (``get_peft_model_state_dict``) of the live model, or of ``gathered`` inside FSDP1 units."""
-    if gathered is not None and has_fsdp1_units(peft_model):
-        live = gathered
-    else:
-        live = peft_model.state_dict(keep_vars=True)
-    return get_peft_model_state_dict(
-        peft_model, state_dict=live, adapter_name=adapter_name, save_embedding_layers=save_embedding_layers
-    )
+    """One adapter's state dict from the live model, or from ``gathered`` inside FSDP1 units.
+
+    Inside FSDP1 units the live ``state_dict()`` is a collective, which the one writing process must
+    not start: there ``gathered``, the component's part of the state dict gathered for saving, stands in.
+    """
+    live = gathered if gathered is not None and has_fsdp1_units(peft_model) else peft_model.state_dict(keep_vars=True)
+    return _adapter_state(peft_model, adapter_name, save_embedding_layers, live)
 
 
 def _save_adapter_files(
@@ -139,8 +156,8 @@ def _write_adapter_files(
     """What ``PeftModel.save_pretrained`` writes for one adapter (peft 0.16 to 0.21), from a state dict already built.
 
     Written here rather than by ``save_pretrained`` because that one renders a model card (README.md)
-    with a freshly compiled jinja template on every call and builds the state dict again: about half
-    of a checkpoint's adapter save. The files are peft's own: its state dict, its safetensors layout
+    with a freshly compiled jinja template on every call and builds the state dict again, a large part
+    of a checkpoint's adapter save (benchmarks/README.md, "Measurements behind the code"). The files are peft's own: its state dict, its safetensors layout
     (shared tensors cloned, contiguous, ``{"format": "pt"}``) and its config, saved by
     ``PeftConfig.save_pretrained`` with the same ``inference_mode`` and ``auto_mapping`` it sets.
     """
@@ -229,6 +246,14 @@ def write_lora_adapters(
     `HiggsLoraTrainer._save` builds it without DeepSpeed or FSDP): the shapes the file must have
     are then read from it, instead of from the live model a second time. Call on one process only.
 
+    Args:
+        component: the PEFT component to save (`find_lora_model`).
+        output_dir: the directory to write ``dirname`` into (a ``checkpoint-N`` or the run's output).
+        state_dict: the whole (unwrapped) model's state dict, when the caller has one.
+        save_embedding_layers: passed to peft's ``get_peft_model_state_dict``.
+        dirname: the adapter directory's name inside ``output_dir``.
+        state_dict_is_live: ``state_dict`` holds the live tensors themselves.
+
     Raises:
         AdapterSaveError: writing failed (previous adapter left intact).
         AdapterVerificationError: what was written does not match the model (nothing replaced).
@@ -254,35 +279,13 @@ def write_lora_adapters(
                 f"({len(state_dict)} keys in all); refusing to write an empty adapter to {target}. "
                 "Under DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true."
             )
-    # The expected shapes come from the live model (DeepSpeed's ds_shape where partitioned); what is written from the
-    # state dict passed, if any, else from the same live adapter state (built once). A state dict of the live tensors
-    # themselves (state_dict_is_live) serves as both: the live model would only be asked for the same shapes again.
-    written = None
-    if component_state is not None:
-        written = {
-            name: get_peft_model_state_dict(
-                peft_model, state_dict=component_state, adapter_name=name, save_embedding_layers=save_embedding_layers
-            )
-            for name in peft_model.peft_config
-        }
-    if written is not None and state_dict_is_live:
-        live = written
-    else:
-        live = {
-            name: _adapter_state(peft_model, name, save_embedding_layers, component_state)
-            for name in peft_model.peft_config
-        }
-    states = live if written is None else written
-    expected = {
-        name: {key: tuple(getattr(value, "ds_shape", value.shape)) for key, value in state.items()}
-        for name, state in live.items()
-    }
-    for name, shapes in expected.items():
+    to_write, expected_shapes = _what_to_write(peft_model, component_state, state_dict_is_live, save_embedding_layers)
+    for name, shapes in expected_shapes.items():
         _check_every_lora_layer_selected(peft_model, name, shapes, target)
     try:
         with staged_directory(target) as staging:
             try:
-                for name, state in states.items():
+                for name, state in to_write.items():
                     directory = staging if name == "default" else staging / name
                     _save_adapter_files(
                         peft_model,
@@ -299,7 +302,7 @@ def write_lora_adapters(
                 ) from exc
             summaries = [
                 verify_adapter(staging if name == "default" else staging / name, shapes)
-                for name, shapes in expected.items()
+                for name, shapes in expected_shapes.items()
             ]
     except AdapterVerificationError as exc:
         raise AdapterVerificationError(f"{exc} (nothing written to {target}; the previous adapter is intact)") from exc
@@ -309,7 +312,7 @@ def write_lora_adapters(
         ) from exc
     untrained = tuple(  # judged on the tensors just written, as verify judges the files
         str(target if name == "default" else target / name)
-        for name, state in states.items()
+        for name, state in to_write.items()
         if untrained_problem(peft_model.peft_config[name].to_dict(), state) is not None
     )
     saved = SavedAdapter(

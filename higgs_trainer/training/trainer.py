@@ -78,17 +78,20 @@ class LoraAdapterSavingMixin:
     """Adds verified ``lora_adapters`` to every save of a ``transformers.Trainer`` subclass.
 
     Put it first in the bases: ``class MyTrainer(LoraAdapterSavingMixin, SomeTrainer)``. Every
-    constructor argument is passed through to the trainer; three are added:
+    constructor argument is passed through to the trainer; three are added.
 
-    * ``lora_model_path``: dotted path of the ``PeftModel`` to save (e.g. ``"model.text_model"``),
-      needed only when the model holds more than one.
-    * ``save_embedding_layers``: passed to peft's ``save_pretrained`` (default ``False``; never
-      ``"auto"``, which may query the Hub).
-    * ``adapter_only_checkpoints``: when true, each ``checkpoint-N`` holds ``lora_adapters`` and
-      the optimizer, scheduler, RNG and trainer state, but not the frozen base weights; resuming
-      from it loads the adapter into the model. The final ``save_model()`` stays a full save.
-      Single process, DDP and DeepSpeed (whose own checkpoint then leaves the frozen parameters
-      out); not FSDP (default ``False``).
+    Args:
+        *args: passed through to the trainer class.
+        lora_model_path: dotted path of the ``PeftModel`` to save (e.g. ``"model.text_model"``),
+            needed only when the model holds more than one.
+        save_embedding_layers: passed to peft's ``get_peft_model_state_dict`` (default ``False``;
+            never ``"auto"``, which may query the Hub).
+        adapter_only_checkpoints: when true, each ``checkpoint-N`` holds ``lora_adapters`` and
+            the optimizer, scheduler, RNG and trainer state, but not the frozen base weights; resuming
+            from it loads the adapter into the model. The final ``save_model()`` stays a full save.
+            Single process, DDP and DeepSpeed (whose own checkpoint then leaves the frozen parameters
+            out); not FSDP (default ``False``).
+        **kwargs: passed through to the trainer class.
 
     The PEFT component is looked up when the trainer is created, so a model without one fails
     before training starts.
@@ -375,6 +378,14 @@ class HiggsLoraTrainer(LoraAdapterSavingMixin, Trainer):
     `LoraAdapterSavingMixin` (``lora_model_path``, ``save_embedding_layers``,
     ``adapter_only_checkpoints``).
 
+    Args:
+        *args: ``transformers.Trainer``'s arguments (``model``, ``args``, ``train_dataset``, ...).
+        lora_model_path: dotted path of the ``PeftModel`` to save, when the model holds more than one.
+        save_embedding_layers: save embedding layers with the adapter (default ``False``).
+        adapter_only_checkpoints: ``checkpoint-N`` without the frozen base weights (see
+            `LoraAdapterSavingMixin`).
+        **kwargs: ``transformers.Trainer``'s keyword arguments.
+
     Examples:
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
@@ -407,6 +418,11 @@ def save_lora_adapters(
     Call it on every process, after ``trainer.save_model()``; only the process that should save
     writes (others return ``None``). Returns what was written, or ``None`` when ``use_lora`` is
     false. Raises if no PEFT component is found or the save fails.
+
+    Args:
+        trainer: the ``transformers.Trainer`` (any subclass) whose model holds the ``PeftModel``.
+        output_dir: the directory to write ``lora_adapters`` into; default ``trainer.args.output_dir``.
+        use_lora: False skips the save (for scripts that train with or without LoRA).
 
     Examples:
         >>> import torch

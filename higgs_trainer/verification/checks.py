@@ -7,11 +7,13 @@ them into one message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -20,16 +22,11 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from peft.utils.other import get_pattern_key
 
 from ..errors import AdapterVerificationError, first_line, listed
-
-# Path resolution and file reading moved to .paths; importable from here as before.
 from ..files.paths import (
-    adapter_dirs_of,
-    holds_adapter_files,
     read_adapter_config,
     read_adapter_tensors,
-    read_json_object,
 )
-from ..files.runs import CHECKPOINT_NAME, is_complete_checkpoint
+from ..files.runs import adapter_dirs_of, is_interrupted_checkpoint
 from ..lora_keys import LoraKey, split_lora_key
 from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, LORA_PAIRS, PEFT_KEY_PREFIX, TRAINER_STATE
 from .untrained import untrained_problem
@@ -157,8 +154,8 @@ def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
     One sum per tensor screens them all: a NaN or inf anywhere makes the sum NaN or inf. A sum of
     large finite values can overflow by itself, so a tensor whose sum is not finite is then checked
-    element by element. For an adapter's hundreds of small tensors this is 7x faster than
-    ``isfinite(t).all()`` on each, which allocates a mask per tensor.
+    element by element. For an adapter's hundreds of small tensors this is faster than
+    ``isfinite(t).all()`` on each, which allocates a mask per tensor (benchmarks/README.md, "Measurements behind the code").
 
     Examples:
         >>> nonfinite_tensors({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.full((2,), 6e4, dtype=torch.float16)})
@@ -531,8 +528,30 @@ def _as_lora_config(config: Mapping, problems: list[str]) -> LoraConfig | None:
         return None
 
 
+_PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
+
+
+def configured_value(config: Mapping | LoraConfig, name: str, module: str) -> Any:
+    """The ``r`` or ``lora_alpha`` (``name``) that ``config`` gives ``module``: the one place ``rank_pattern`` and ``alpha_pattern`` are resolved.
+
+    ``config`` is an ``adapter_config.json`` dict or a ``LoraConfig``; ``module`` a path in the base
+    model or an adapter key's module. A pattern entry matches as peft matches it (peft's own
+    ``get_pattern_key``); otherwise the config's ``r`` / ``lora_alpha`` applies.
+
+    Examples:
+        >>> configured_value({"r": 8, "rank_pattern": {r"^layers\\.0\\.q_proj": 4}}, "r", "layers.0.q_proj")
+        4
+        >>> configured_value({"lora_alpha": 16, "alpha_pattern": {"q_proj": 32}}, "lora_alpha", "base_model.model.v_proj")
+        16
+    """
+    get = config.get if isinstance(config, Mapping) else functools.partial(getattr, config)
+    patterns = get(_PATTERNS[name]) or {}
+    module = module.removeprefix(PEFT_KEY_PREFIX)
+    return patterns.get(get_pattern_key(patterns.keys(), module), get(name))
+
+
 def configured_rank(config: LoraConfig, module: str) -> int:
-    """The rank ``config`` gives ``module`` (a path in the base model, or an adapter key's module), matching ``rank_pattern`` as peft does.
+    """The rank ``config`` gives ``module`` (`configured_value` of ``r``).
 
     Examples:
         >>> configured_rank(LoraConfig(r=8, rank_pattern={r"^layers\\.0\\.q_proj": 4}), "layers.0.q_proj")
@@ -540,9 +559,7 @@ def configured_rank(config: LoraConfig, module: str) -> int:
         >>> configured_rank(LoraConfig(r=8, rank_pattern={r"^layers\\.0\\.q_proj": 4}), "tower.layers.0.q_proj")
         8
     """
-    pattern = config.rank_pattern or {}
-    name = module[len(PEFT_KEY_PREFIX) :] if module.startswith(PEFT_KEY_PREFIX) else module
-    return pattern.get(get_pattern_key(pattern.keys(), name), config.r)
+    return configured_value(config, "r", module)
 
 
 def inspect_adapter(
@@ -555,6 +572,14 @@ def inspect_adapter(
 
     With ``base_model`` (which may be on the meta device), also `check_adapter_modules` against it.
     With ``check_trained``, an adapter still at peft's zero init is a problem (`untrained.untrained_problem`).
+
+    Args:
+        directory: the adapter directory (``adapter_config.json`` and the adapter's weights).
+        expected_shapes: the keys and shapes the adapter file must hold exactly (a save passes
+            what the live model says); None checks the file against its own config only.
+        base_model: a model (may be on the meta device) the adapter's modules must exist in,
+            with matching sizes.
+        check_trained: count an adapter whose ``lora_B`` are all still at peft's zero init as a problem.
 
     Examples:
         >>> import torch
@@ -602,6 +627,11 @@ def verify_adapter(
     directory: str | Path, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> AdapterSummary:
     """Like `inspect_adapter`, but raise `AdapterVerificationError` listing every problem.
+
+    Args:
+        directory: the adapter directory.
+        expected_shapes: the keys and shapes the adapter file must hold exactly; None checks the
+            file against its own config only.
 
     Examples:
         >>> import torch
@@ -730,6 +760,12 @@ def inspect_path(
     adapter whose ``lora_B`` are all still zero under a zero-start init fails as untrained.
     Never raises for bad content: each problem is in a summary.
 
+    Args:
+        path: an adapter directory, a ``checkpoint-N`` (its ``lora_adapters``) or a run directory
+            (its final ``lora_adapters`` and every ``checkpoint-*``).
+        base_model: a model (built on the meta device) the adapters' modules must exist in.
+        check_trained: fail adapters whose ``lora_B`` are all still at peft's zero init.
+
     Examples:
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
@@ -748,7 +784,7 @@ def inspect_path(
     for directory in directories:
         if not directory.exists():
             checkpoint = directory.parent
-            if CHECKPOINT_NAME.match(checkpoint.name) and not is_complete_checkpoint(checkpoint):
+            if is_interrupted_checkpoint(checkpoint):
                 problem = (
                     f"{checkpoint} was interrupted while saving (no {TRAINER_STATE}, no {directory.name}/): it holds "
                     "nothing usable; resume from an earlier checkpoint or delete it"
@@ -768,11 +804,10 @@ def inspect_path(
 
 __all__ = [
     "AdapterSummary",
-    "adapter_dirs_of",
     "check_adapter_modules",
     "check_adapter_tensors",
-    "holds_adapter_files",
     "configured_rank",
+    "configured_value",
     "human_size",
     "inspect_adapter",
     "inspect_path",
@@ -780,9 +815,6 @@ __all__ = [
     "lost_modules_to_save",
     "lora_config_from_dict",
     "modules_to_save_problems",
-    "read_adapter_config",
-    "read_adapter_tensors",
-    "read_json_object",
     "saved_modules",
     "verify_adapter",
 ]

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
+from tests.testing_models import RandomTokens, SavedAdapters, logits_of, make_model, probe_batch, training_args
 
 output_dir = sys.argv[1]
 resume_from = sys.argv[2] if len(sys.argv) > 2 else None

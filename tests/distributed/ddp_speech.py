@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from higgs_trainer import HiggsLoraTrainer
 from higgs_trainer.speech import SpeechPrompt, SpeechSamplesCallback
-from tests.speech_models import LossMirroringScoring
+from tests.testing_speech_models import LossMirroringScoring
 
 spec = importlib.util.spec_from_file_location("example", Path(__file__).parents[2] / "examples/speak_with_adapter.py")
 ex = importlib.util.module_from_spec(spec)

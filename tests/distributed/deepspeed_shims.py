@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from higgs_trainer._compat import allow_missing_frozen_parameters, exclude_frozen_parameters_on_save
-from tests.models import make_model
+from tests.testing_models import make_model
 
 output_dir = sys.argv[1]
 deepspeed.init_distributed(dist_backend="gloo")

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from higgs_trainer._compat import reregister_fsdp1_original_parameters
-from tests.models import make_model, probe_batch
+from tests.testing_models import make_model, probe_batch
 
 output_dir = sys.argv[1]
 dist.init_process_group("gloo")

@@ -25,7 +25,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from higgs_trainer import AdapterVerificationError, find_lora_model
 from higgs_trainer.training.gathering import gather_adapter_state_dict, is_sharded
 from higgs_trainer.training.saving import write_lora_adapters
-from tests.models import (
+from tests.testing_models import (
     TARGET_MODULES,
     SpeechSamples,
     heads_to_save,

@@ -1,7 +1,7 @@
 """End-to-end HiggsLoraTrainer run on GPUs with DeepSpeed ZeRO-3 or FSDP (run by scripts/gpu_check.sh).
 
 Usage: torchrun --nproc_per_node=N tests/distributed/gpu_train.py OUTPUT_DIR zero3-gather|zero3-nogather|fsdp-full|fsdp-sharded
-Trains the tiny wrapped model (tests/models.py) through accelerate's real engine setup, then checks on rank 0
+Trains the tiny wrapped model (tests/testing_models.py) through accelerate's real engine setup, then checks on rank 0
 that every checkpoint's and the final adapter verify and that the final adapter reproduces the trained logits
 on a bare base model. Exits non-zero on any failure. Needs CUDA (accelerate runs FSDP only on accelerators).
 """
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from peft import PeftModel
 
 from higgs_trainer import HiggsLoraTrainer, verify_adapter
-from tests.models import RandomTokens, logits_of, make_model, probe_batch, tiny_base_model, training_args
+from tests.testing_models import RandomTokens, logits_of, make_model, probe_batch, tiny_base_model, training_args
 
 output_dir, mode = sys.argv[1], sys.argv[2]
 engine = {}

@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 
 from higgs_trainer import HiggsLoraTrainer
-from tests.models import (
+from tests.testing_models import (
     TARGET_MODULES,
     EarliestIsBest,
     RandomTokens,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from higgs_trainer import find_lora_model
 from higgs_trainer.cli import main
 from higgs_trainer.training.saving import clone_shared_tensors, write_lora_adapters
-from tests.models import make_model, tiny_base_model, trained_like
+from tests.testing_models import make_model, tiny_base_model, trained_like
 
 
 def run_cli(capsys, *argv):

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.environment import missing
+from tests.testing_environment import missing
 
 
 @contextlib.contextmanager

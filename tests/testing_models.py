@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import transformers
 from packaging.version import Version
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
@@ -79,6 +80,16 @@ def lora_config(r: int = 4) -> LoraConfig:
     # HiggsAudioModel.forward takes no `labels`, which PeftModelForCausalLM always passes: no task type there.
     task_type = None if HIGGS_STACK else "CAUSAL_LM"
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGET_MODULES, task_type=task_type)
+
+
+def adapter_shapes(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the adapter file peft's own ``save_pretrained`` writes for ``peft_model``.
+
+    What a verified adapter of an unsharded model must hold (the library reads them from the live
+    model, DeepSpeed's ``ds_shape`` included, when it saves).
+    """
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -352,7 +363,7 @@ class SpeechWrapper(nn.Module):
             label_audio_ids=label_audio_ids,
         )  # fmt: skip
         result = {"logits": out.logits, "audio_logits": out.audio_logits}
-        if label_audio_ids is not None:  # a text-only batch (tests.models.probe_batch) just gives logits
+        if label_audio_ids is not None:  # a text-only batch (tests.testing_models.probe_batch) just gives logits
             result["loss"] = speech_loss(out, label_audio_ids)
         return result
 

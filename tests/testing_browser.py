@@ -8,7 +8,7 @@ which ``chromium --headless --dump-dom`` prints. Console lines Chromium logs on 
 `screenshot` saves what the page looks like.
 
 Run as a script to make the docs' screenshot from the test run directory:
-``python -m tests.browser docs/images/speech-page.png``.
+``python -m tests.testing_browser docs/images/speech-page.png``.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 1000) -> 
 def main(argv: list[str]) -> int:
     """Write the screenshot of the test run's page to ``argv[0]`` (default docs/images/speech-page.png)."""
     from higgs_trainer.speech.page import write_speech_page
-    from tests.speech_runs import make_run
+    from tests.testing_speech_runs import make_run
 
     target = Path(argv[0] if argv else "docs/images/speech-page.png")
     with tempfile.TemporaryDirectory() as scratch:

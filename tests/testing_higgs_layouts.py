@@ -1,6 +1,6 @@
 """Both Higgs Audio v2 layouts, for the convert tests: fixtures made on one stack, checked on the other.
 
-Run as ``python -m tests.higgs_layouts COMMAND DIR`` with either stack's python:
+Run as ``python -m tests.testing_higgs_layouts COMMAND DIR`` with either stack's python:
 
 - ``make-boson DIR`` (Higgs stack): a tiny boson ``HiggsAudioModel`` trained a few steps with LoRA on
   attention and ``audio_mlp`` plus ``modules_to_save`` (``audio_decoder_proj.audio_lm_head``); writes
