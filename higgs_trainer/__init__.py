@@ -23,7 +23,7 @@ from ._version import __version__ as __version__  # re-exported: higgs_trainer._
 # Each public name and the module (under higgs_trainer) that defines it.
 _PUBLIC_NAMES = {
     "AdapterSaveError": "errors",
-    "AdapterSummary": "verification.checks",
+    "AdapterSummary": "verification.inspection",
     "AdapterVerificationError": "errors",
     "AmbiguousLoraModelError": "errors",
     "CheckpointError": "errors",
@@ -41,11 +41,11 @@ _PUBLIC_NAMES = {
     "convert_layout": "convert.conversion",
     "extract_adapter": "extract.extraction",
     "find_lora_model": "training.discovery",
-    "inspect_adapter": "verification.checks",
-    "inspect_path": "verification.checks",
+    "inspect_adapter": "verification.inspection",
+    "inspect_path": "verification.inspection",
     "merge_adapter": "merge.merging",
     "save_lora_adapters": "training.trainer",
-    "verify_adapter": "verification.checks",
+    "verify_adapter": "verification.inspection",
 }
 
 # Written out, not computed, so that linters and mkdocstrings read it without running the module.
@@ -94,7 +94,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .training.discovery import LoraComponent, find_lora_model
     from .training.saving import SavedAdapter
     from .training.trainer import HiggsLoraTrainer, LoraAdapterSavingMixin, save_lora_adapters
-    from .verification.checks import AdapterSummary, inspect_adapter, inspect_path, verify_adapter
+    from .verification.inspection import AdapterSummary, inspect_adapter, inspect_path, verify_adapter
 
 
 def __getattr__(name: str) -> Any:

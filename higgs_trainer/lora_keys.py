@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 from .names import LORA_PAIRS
 
+# The last segment of a parameter's key.
+PARAM_SUFFIXES = frozenset({"weight", "bias"})
 # The matrices of a LoRA pair: each "A" of LORA_PAIRS and its "B".
 LORA_MATRICES = frozenset(LORA_PAIRS) | frozenset(LORA_PAIRS.values())
 
@@ -70,4 +72,17 @@ def split_lora_key(key: str) -> LoraKey | None:
     return None
 
 
-__all__ = ["LORA_MATRICES", "LoraKey", "split_lora_key"]
+def split_lora_matrix_key(key: str) -> LoraKey | None:
+    """`split_lora_key` for a LoRA pair's matrix (or its bias); None for every other key, DoRA's magnitude vectors included.
+
+    Examples:
+        >>> split_lora_matrix_key("base_model.model.q.lora_B.weight").part
+        'lora_B'
+        >>> split_lora_matrix_key("base_model.model.q.lora_magnitude_vector.weight") is None
+        True
+    """
+    lora = split_lora_key(key)
+    return lora if lora is not None and lora.is_matrix else None
+
+
+__all__ = ["LORA_MATRICES", "PARAM_SUFFIXES", "LoraKey", "split_lora_key", "split_lora_matrix_key"]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from higgs_trainer import AdapterVerificationError, find_lora_model, inspect_adapter, verify_adapter
 from higgs_trainer.training.saving import write_lora_adapters
-from higgs_trainer.verification.checks import check_adapter_tensors
+from higgs_trainer.verification.tensors import check_adapter_tensors
 from tests.testing_models import TARGET_MODULES, adapter_shapes, make_model
 
 CONFIG = "adapter_config.json"

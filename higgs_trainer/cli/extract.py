@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from ..extract.extraction import extract_adapter
-from ..verification.checks import human_size
+from ..files.sizes import human_size
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ import json
 import logging
 from dataclasses import asdict
 
+from ..files.sizes import human_size
 from ..merge.merging import merge_adapter
-from ..verification.checks import human_size
 
 logger = logging.getLogger(__name__)
 

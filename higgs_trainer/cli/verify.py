@@ -9,8 +9,9 @@ from dataclasses import asdict
 from ..errors import UsageError
 from ..files.atomic import find_directory
 from ..files.paths import existing_directory
+from ..files.sizes import human_size
 from ..merge.base_model import empty_base_model
-from ..verification.checks import AdapterSummary, human_size, inspect_path
+from ..verification.inspection import AdapterSummary, inspect_path
 
 
 def run(args: argparse.Namespace) -> int:

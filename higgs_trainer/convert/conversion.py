@@ -50,7 +50,7 @@ from ..files.safetensors_files import (
 from ..files.support_files import copy_support_files
 from ..lora_keys import split_lora_key
 from ..names import CONFIG_NAME, FULL_WEIGHT_FILES, PEFT_KEY_PREFIX, SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_NAME
-from ..verification.checks import configured_value, lora_config_from_dict
+from ..verification.lora_config import configured_value, lora_config_from_dict
 from . import layouts
 from .layouts import BOSON, LAYOUTS, TRANSFORMERS
 

@@ -24,8 +24,10 @@ from ..files.atomic import staged_directory
 from ..files.checkpoint import CheckpointWeights, LoraLayout, find_lora_layout
 from ..files.lora_settings import LoraSettings, find_lora_settings
 from ..files.paths import existing_directory, output_directory
+from ..files.sizes import human_size
 from ..names import CONFIG_NAME, SAFETENSORS_NAME
-from ..verification.checks import configured_rank, human_size, lora_config_from_dict, verify_adapter
+from ..verification.inspection import verify_adapter
+from ..verification.lora_config import configured_rank, lora_config_from_dict
 from ..verification.untrained import untrained_problem
 
 logger = logging.getLogger(__name__)

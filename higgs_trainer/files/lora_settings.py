@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, HiggsTrainerError, UsageError
 from ..names import ADAPTER_DIRNAME, CONFIG_NAME
-from ..verification.checks import is_valid_alpha
+from ..verification.lora_config import is_valid_alpha
 from .paths import read_json_object
 from .pickles import pickled_attributes
 from .runs import own_adapter_dir, run_dir_of

@@ -1,4 +1,7 @@
-"""Sizes given on the command line or to the API (``--max-shard-size``), in bytes: no torch, so argument parsing stays light."""
+"""Sizes in bytes: read from the command line or the API (``--max-shard-size``) and written for people.
+
+No torch here, so argument parsing and the CLI's reports stay light.
+"""
 
 from __future__ import annotations
 
@@ -37,3 +40,17 @@ def parse_size(text: str | int) -> int:
         if size >= 1:
             return size
     raise UsageError(f"max shard size {text!r} is not a size of at least 1 byte; give {SIZE_FORMS}")
+
+
+def human_size(num_bytes: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``.
+
+    Examples:
+        >>> human_size(1536)
+        '1.5 KiB'
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"  # pragma: no cover

@@ -31,10 +31,12 @@ from ..errors import (
 from ..files.atomic import staged_directory
 from ..files.checkpoint import CheckpointWeights
 from ..files.safetensors_files import StoredTensor
+from ..files.sizes import human_size
 from ..files.support_files import copy_support_files
 from ..lora_keys import split_lora_key
 from ..names import PEFT_KEY_PREFIX
-from ..verification.checks import check_adapter_modules, human_size, saved_modules
+from ..verification.base_model import check_adapter_modules
+from ..verification.modules_to_save import saved_modules
 from .base_model import empty_base_model, load_base_model
 from .compare import logit_difference, probe_inputs, probe_logits
 from .plan import check_floating_targets, lora_target_weights

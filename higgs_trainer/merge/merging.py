@@ -31,9 +31,7 @@ from ..files.runs import resolve_adapter_dir
 from ..files.safetensors_files import read_stored_tensors, safetensors_weight_files
 from ..files.sizes import parse_size
 from ..names import DTYPE_NAMES
-from ..verification.checks import (
-    verify_adapter,
-)
+from ..verification.inspection import verify_adapter
 from ..verification.untrained import untrained_problem
 from .base_model import check_base_complete
 from .in_memory import merge_in_memory

@@ -19,7 +19,7 @@ from ..errors import AdapterVerificationError, MergeError, listed
 from ..files.safetensors_files import StoredTensor
 from ..lora_keys import split_lora_key
 from ..names import PEFT_KEY_PREFIX
-from ..verification.checks import configured_value
+from ..verification.lora_config import configured_value
 from ..verification.untrained import lora_init
 
 IN_MEMORY = "merge in memory instead (`higgs-trainer merge --in-memory`, or merge_adapter(..., streaming=False))"

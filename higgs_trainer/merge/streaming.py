@@ -37,10 +37,10 @@ from ..files.safetensors_files import (
     write_all,
     write_tensor,
 )
-from ..files.sizes import parse_size
+from ..files.sizes import human_size, parse_size
 from ..files.support_files import copy_support_files
 from ..names import SAFE_INDEX, SAFE_WEIGHTS
-from ..verification.checks import human_size, saved_modules
+from ..verification.modules_to_save import saved_modules
 from .arithmetic import Scratch, merged_tensor, needs_base_values, output_dtype
 from .compare import compare_outputs
 from .plan import MergePlan, plan_merge

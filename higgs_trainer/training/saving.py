@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from .._compat import peft_save_is_mirrored
 from ..errors import AdapterSaveError, AdapterVerificationError
 from ..files.atomic import staged_directory
+from ..files.sizes import human_size
 from ..lora_keys import split_lora_key
 from ..names import ADAPTER_DIRNAME, SAFETENSORS_NAME
-from ..verification.checks import human_size, verify_adapter
+from ..verification.inspection import verify_adapter
 from ..verification.untrained import untrained_problem
 from .discovery import LoraComponent
 from .gathering import has_fsdp1_units
