@@ -3,7 +3,7 @@
     python benchmarks/bench_convert.py [--layers 12] [--hidden 2048] [--work /tmp/bench-convert]
 
 Builds once a bf16 boson-layout (``higgs_audio``) model with exactly the weights its config implies
-(`higgs_trainer.convert.layouts.expected_shapes`; vocabulary 128256 as in Higgs Audio v2, so the largest
+(`higgs_trainer.convert.configs.expected_shapes`; vocabulary 128256 as in Higgs Audio v2, so the largest
 tensors are the text embedding and the text head), in 2 safetensors shards, its embedding split as
 boson's ``freeze_embed_until_idx`` saves it (so one output tensor is joined from two). Then, each in a
 fresh process: ``import higgs_trainer.cli.convert`` alone (the command's import floor), and ``higgs-trainer convert --to transformers``.
@@ -41,7 +41,7 @@ def build(work: Path, layers: int, hidden: int) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from higgs_trainer.convert import layouts
+    from higgs_trainer.convert import configs
 
     source = work / f"boson-{layers}x{hidden}"
     if (source / "config.json").is_file():
@@ -49,7 +49,7 @@ def build(work: Path, layers: int, hidden: int) -> dict:
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
     cfg = config(layers, hidden)
-    shapes = layouts.expected_shapes(cfg, "boson")
+    shapes = configs.expected_shapes(cfg, "boson")
     del shapes["embed_tokens.weight"]
     shapes["embed_tokens.embedding_frozen.weight"] = (VOCAB - 256, hidden)
     shapes["embed_tokens.embedding_trainable.weight"] = (256, hidden)

@@ -27,7 +27,7 @@ _PUBLIC_NAMES = {
     "AdapterVerificationError": "errors",
     "AmbiguousLoraModelError": "errors",
     "CheckpointError": "errors",
-    "ConvertResult": "convert.conversion",
+    "ConvertResult": "convert.result",
     "ExtractedAdapter": "extract.extraction",
     "HiggsLoraTrainer": "training.trainer",
     "HiggsTrainerError": "errors",
@@ -77,7 +77,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
-    from .convert.conversion import ConvertResult, convert_layout
+    from .convert.conversion import convert_layout
+    from .convert.result import ConvertResult
     from .errors import (
         AdapterSaveError,
         AdapterVerificationError,

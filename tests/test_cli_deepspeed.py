@@ -15,20 +15,20 @@ from pathlib import Path
 import pytest
 
 from higgs_trainer import convert_layout
-from higgs_trainer.convert import layouts
+from higgs_trainer.convert import keys
 from tests.testing_cli import write_cli_inputs
 from tests.testing_environment import missing
 from tests.testing_launch import ROOT
 from tests.testing_models import HIGGS_STACK
 
-THIS_LAYOUT = layouts.BOSON if HIGGS_STACK else layouts.TRANSFORMERS
+THIS_LAYOUT = keys.BOSON if HIGGS_STACK else keys.TRANSFORMERS
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A Higgs base of this stack, a trained-looking adapter for it (also in the other layout), a full checkpoint."""
     root = write_cli_inputs(tmp_path_factory.mktemp("inputs"))
-    convert_layout(root / "lora_adapters", layouts.other(THIS_LAYOUT), root / "other_layout")
+    convert_layout(root / "lora_adapters", keys.other(THIS_LAYOUT), root / "other_layout")
     return root
 
 

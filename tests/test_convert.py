@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer import CheckpointError, UsageError, convert_layout
-from higgs_trainer.convert import layouts
+from higgs_trainer.convert import configs, keys
 from tests import testing_higgs_layouts
 from tests.testing_cli import assert_one_line_error, run_cli
 from tests.testing_environment import missing
@@ -49,7 +49,7 @@ def on_stack(layout: str, command: str, directory: Path) -> None:
 
 @pytest.mark.parametrize("source", ["boson", "transformers"])
 def test_trained_adapter_reproduces_logits_in_the_other_layout(tmp_path, source):
-    target = layouts.other(source)
+    target = keys.other(source)
     on_stack(source, f"make-{source}", tmp_path)
     on_stack(target, f"check-{target}", tmp_path)  # asserts text and audio logits within 1e-4, and that LoRA matters
     assert (tmp_path / f"adapter-{target}" / "adapter_model.safetensors").is_file()
@@ -70,7 +70,7 @@ def write_model(directory: Path, config: dict, layout: str, shards: int = 1, ext
     """A model directory of random weights with exactly the keys ``config`` implies (plus ``extra``)."""
     directory.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
-    shapes = layouts.expected_shapes(config, layout)
+    shapes = configs.expected_shapes(config, layout)
     tensors = {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
     tensors.update(extra or {})
     keys = sorted(tensors)
@@ -132,7 +132,7 @@ def test_sharded_model_with_split_weights_converts_both_ways(tmp_path):
     torch.testing.assert_close(converted.pop("model.embed_tokens.weight"), joined, rtol=0, atol=0)
     for key, tensor in original.items():
         if "embedding_" not in key:
-            torch.testing.assert_close(converted[layouts.convert_key(key, "transformers")], tensor, rtol=0, atol=0)
+            torch.testing.assert_close(converted[keys.convert_key(key, "transformers")], tensor, rtol=0, atol=0)
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["model_type"] == "higgs_audio_v2" and hf_config["codebook_size"] == 34
     assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
@@ -206,9 +206,9 @@ def test_run_directory_converts_every_adapter(tmp_path, capsys):
 
 def test_adapter_verified_against_converted_base(tmp_path):
     """On this stack's own layout: peft applies the converted config to the (empty) base and finds every key."""
-    source = layouts.other(THIS_STACK)
+    source = keys.other(THIS_STACK)
     modules = [f"layers.{i}.self_attn.{name}" for i in (0, 1) for name in ("q_proj", "o_proj")]
-    modules = [layouts.convert_key(m, source) for m in modules]
+    modules = [keys.convert_key(m, source) for m in modules]
     write_model(tmp_path / "base", TINY_BOSON_CONFIG, "boson")
     write_adapter(tmp_path / "adapter", modules)
     result = convert_layout(tmp_path / "adapter", THIS_STACK, tmp_path / "out", base=tmp_path / "base")
@@ -286,12 +286,12 @@ def test_adapter_on_modules_without_equivalent_is_refused(tmp_path, capsys):
 
 
 def test_the_higgs_v2_defaults_table_is_transformers_own():
-    """layouts' one table of HiggsAudioV2Config defaults (what a saved config.json omits) equals transformers'."""
+    """configs' one table of HiggsAudioV2Config defaults (what a saved config.json omits) equals transformers'."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "HiggsAudioV2Config"):
         pytest.skip("transformers has no HiggsAudioV2Config on this stack (the newest stack runs this)")
     defaults = transformers.HiggsAudioV2Config().to_dict()
-    table = layouts._HIGGS_V2_DEFAULTS
+    table = configs._HIGGS_V2_DEFAULTS
     assert {name: defaults.get(name) for name in table} == table
 
 

@@ -7,7 +7,7 @@ Run as ``python -m tests.testing_higgs_layouts COMMAND DIR`` with either stack's
   DIR/base, DIR/adapter, DIR/inputs.safetensors and the reference text and audio logits.
 - ``make-transformers DIR`` (newest stack): the same with a tiny ``HiggsAudioV2ForConditionalGeneration``.
 - ``check-transformers DIR`` / ``check-boson DIR``: convert DIR's base and adapter into that stack's
-  layout with ``higgs_trainer.convert.conversion``, load them with ``PeftModel.from_pretrained`` and compare
+  layout with ``higgs_trainer.convert``, load them with ``PeftModel.from_pretrained`` and compare
   the logits on the same inputs with the reference (and with the base alone: the adapter must matter).
 
 Inputs are given in the transformers form (one ``<|AUDIO_OUT|>`` token per audio frame); the boson

@@ -45,7 +45,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .._version import __version__
-from ..convert.layouts import LAYOUTS
+from ..convert.keys import LAYOUTS
 from ..errors import HiggsTrainerError, UsageError, first_line
 from ..files.sizes import parse_size
 from ..names import DTYPE_NAMES
