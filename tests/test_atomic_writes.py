@@ -180,7 +180,7 @@ def test_a_link_or_file_where_the_adapter_goes_is_refused_before_writing(compone
 
 
 def test_convert_on_a_full_disk_names_the_output(tmp_path, capsys):
-    from tests.test_convert import TINY_BOSON_CONFIG, write_model
+    from tests.testing_layout_files import TINY_BOSON_CONFIG, write_model
 
     write_model(tmp_path / "boson", TINY_BOSON_CONFIG, "boson")
     with small_tmpfs(tmp_path / "full", "16k") as full:

@@ -24,6 +24,7 @@ from higgs_trainer.convert import configs, keys
 from tests import testing_higgs_layouts
 from tests.testing_cli import assert_one_line_error, run_cli
 from tests.testing_environment import missing
+from tests.testing_layout_files import TINY_BOSON_CONFIG, read_model, write_adapter, write_model
 from tests.testing_models import HIGGS_STACK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,62 +54,6 @@ def test_trained_adapter_reproduces_logits_in_the_other_layout(tmp_path, source)
     on_stack(source, f"make-{source}", tmp_path)
     on_stack(target, f"check-{target}", tmp_path)  # asserts text and audio logits within 1e-4, and that LoRA matters
     assert (tmp_path / f"adapter-{target}" / "adapter_model.safetensors").is_file()
-
-
-# synthetic models and adapters, made from the layout tables (no model class needed)
-
-TINY_BOSON_CONFIG = {
-    "model_type": "higgs_audio", "audio_adapter_type": "dual_ffn", "audio_dual_ffn_layers": [0, 1],
-    "skip_audio_tower": True, "audio_num_codebooks": 4, "audio_codebook_size": 32, "audio_stream_bos_id": 32,
-    "audio_stream_eos_id": 33, "audio_out_token_idx": 251, "audio_out_bos_token_id": 252, "pad_token_id": 0,
-    "text_config": {"model_type": "llama", "vocab_size": 256, "hidden_size": 16, "intermediate_size": 32,
-                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
-}  # fmt: skip
-
-
-def write_model(directory: Path, config: dict, layout: str, shards: int = 1, extra: dict | None = None) -> dict:
-    """A model directory of random weights with exactly the keys ``config`` implies (plus ``extra``)."""
-    directory.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    shapes = configs.expected_shapes(config, layout)
-    tensors = {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
-    tensors.update(extra or {})
-    keys = sorted(tensors)
-    if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"))
-    else:
-        weight_map = {}
-        for i in range(shards):
-            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: tensors[k] for k in keys[i::shards]}
-            save_file(part, str(directory / name))
-            weight_map.update(dict.fromkeys(part, name))
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "tokenizer_config.json").write_text("{}")
-    return tensors
-
-
-def read_model(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
-def write_adapter(directory: Path, modules: list[str], config: dict | None = None, saved: dict | None = None) -> dict:
-    directory.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for module in modules:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(4, 16, generator=gen)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(16, 4, generator=gen)
-    tensors.update(saved or {})
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    values = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "o_proj"],
-              "base_model_name_or_path": "my/boson-base", "task_type": None, **(config or {})}  # fmt: skip
-    (directory / "adapter_config.json").write_text(json.dumps(values))
-    return tensors
 
 
 BOSON_MODULES = ["layers.0.self_attn.q_proj", "layers.1.self_attn.o_proj"]

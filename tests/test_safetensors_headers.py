@@ -13,8 +13,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from higgs_trainer.files.safetensors_files import read_safetensors_header
-from tests.test_convert import TINY_BOSON_CONFIG, write_model
 from tests.testing_cli import assert_one_line_error, run_cli
+from tests.testing_layout_files import TINY_BOSON_CONFIG, write_model
 
 LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=2)  # fmt: skip
