@@ -1,7 +1,8 @@
-"""pytest set-up for the doctests of higgs_trainer/ (collected with ``--doctest-modules``, see setup.cfg)."""
+"""pytest set-up for every test and for the doctests of higgs_trainer/ (collected with ``--doctest-modules``, see setup.cfg)."""
 
 import functools
 import importlib.util
+import os
 
 import pytest
 from _pytest.doctest import DoctestItem
@@ -24,3 +25,16 @@ def _doctests_run_in_an_empty_directory(request, tmp_path, monkeypatch):
     if isinstance(request.node, DoctestItem):
         _start_deepspeed_logging_outside_the_examples()
         monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored_after_each_test():
+    """transformers' ``TrainingArguments`` writes its settings into ``os.environ`` (``ACCELERATE_DYNAMO_BACKEND`` for
+    ``torch_compile``, ``ACCELERATE_USE_FSDP``, ``ACCELERATE_MIXED_PRECISION``, ...) and never takes them back. Left
+    there, they reach every later test and every process it starts: one test's ``torch_compile=True`` once made each
+    later torchrun compile its model with inductor (the ZeRO-3 tests ran 3.5x slower, and not as written)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
