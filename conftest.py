@@ -3,9 +3,18 @@
 import functools
 import importlib.util
 import os
+import signal
 
 import pytest
 from _pytest.doctest import DoctestItem
+
+
+def pytest_configure(config):
+    """A suite started in the background by a non-interactive shell (``cmd &``, ``nohup``) inherits SIGINT ignored,
+    and the commands it runs keep it so, as they should (``higgs_trainer.cli.main``). The tests that send SIGINT need
+    it delivered: Python's own handler here, and so the default in every process the tests start."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.cache
