@@ -9,11 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, HiggsTrainerError, UsageError, first_line, listed
-from ..files.paths import (
-    read_adapter_config,
-    read_adapter_tensors,
-    read_json_object,
-)
+from ..files.paths import read_adapter_config, read_adapter_tensors, read_json_object
 from ..files.support_files import copy_support_files
 from ..lora_keys import split_lora_key
 from ..names import CONFIG_NAME, PEFT_KEY_PREFIX, SAFETENSORS_NAME
@@ -93,6 +89,12 @@ def convert_adapter_tensors(
 def convert_adapter(
     source: Path, target: Path, to: str, result: ConvertResult, base_model: torch.nn.Module | None
 ) -> None:
+    """Convert the adapter directory ``source`` into ``target`` (inside `convert_layout`'s staging directory).
+
+    Checked before anything is written: the keys map back, the converted config selects the same
+    modules, ranks and alphas, and with ``base_model`` peft finds exactly the converted keys on it.
+    ``result`` counts what was written.
+    """
     config = read_adapter_config(source)
     tensors = _concatenate_split(read_adapter_tensors(source), str(source), result)
     converted = convert_adapter_tensors(tensors, to, str(source))

@@ -11,9 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UsageError, listed
-from ..files.paths import (
-    read_json_object,
-)
+from ..files.paths import read_json_object
 from ..files.safetensors_files import (
     StoredTensor,
     header_bytes,

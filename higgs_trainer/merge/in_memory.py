@@ -69,7 +69,6 @@ def merge_in_memory(
         merge_adapter("base", "out/lora_adapters", "merged", streaming=False).method  # 'in-memory'
         ```
     """
-    start = started
     _check_fits(base_dir, adapter_dir, tensors, stored)
     logger.info("Loading the base model from %s", base_dir)
     model = load_base_model(base_dir, dtype)
@@ -101,7 +100,7 @@ def merge_in_memory(
         num_parameters=num_parameters,
         num_bytes=num_bytes,
         copied_files=copied,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - started,
         compare=comparison,
         modules_to_save=saved,
     )

@@ -7,7 +7,6 @@ them into one message.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,6 @@ from .base_model import check_adapter_modules
 from .modules_to_save import lost_modules_to_save, modules_to_save_problems, saved_modules
 from .tensors import check_adapter_tensors
 from .untrained import untrained_problem
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,7 +105,6 @@ def inspect_adapter(
     summary.problems.extend(modules_to_save_problems(config, tensors, every_entry=every_entry))
     if base_model is not None and tensors:
         summary.problems.extend(lost_modules_to_save(config, tensors, base_model))
-    if base_model is not None and tensors:
         summary.problems.extend(check_adapter_modules(tensors, base_model))
     if check_trained and summary.peft_type == "LORA":
         untrained = untrained_problem(config, tensors)
